@@ -1,0 +1,142 @@
+"""What a router knows of the cluster at one instant: the input of every policy."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceView:
+    """One replica as seen at snapshot time.
+
+    Attributes:
+        id, region, gpu: identity.
+        running: requests in the running batch.
+        waiting: requests queued at the engine (plus any the router holds for it).
+        running_tokens: prompt tokens of running requests (GORGO's ``Σ running prompt tokens``).
+        queued_prefill_tokens: prompt tokens still to prefill among waiting requests.
+        kv_usage: share of KV blocks in use, 0..1.
+        healthy: passes health checks.
+        full: at its in-flight cap; policies must not pick it.
+        age: how stale this view is, seconds.
+        in_flight: requests sent to it and not finished, as the router counts them.
+    """
+
+    id: str
+    region: str
+    gpu: str
+    running: int = 0
+    waiting: int = 0
+    running_tokens: int = 0
+    queued_prefill_tokens: int = 0
+    kv_usage: float = 0.0
+    healthy: bool = True
+    full: bool = False
+    age: float = 0.0
+    in_flight: int = 0
+
+    @property
+    def available(self) -> bool:
+        """May receive a new request."""
+        return self.healthy and not self.full
+
+    @property
+    def load(self) -> int:
+        """Running plus waiting requests (the least-load metric)."""
+        return self.running + self.waiting
+
+
+class PrefixIndexView(Protocol):
+    """Cached-prefix lengths per replica for a block-hash sequence."""
+
+    def match(self, block_hashes: Sequence[int]) -> Mapping[str, int]:
+        """Number of leading blocks of ``block_hashes`` cached on each replica (absent means 0)."""
+        ...
+
+
+class NoPrefixInfo:
+    """A prefix view that knows nothing (every replica matches 0 blocks)."""
+
+    def match(self, block_hashes: Sequence[int]) -> Mapping[str, int]:
+        return {}
+
+
+class CallbackPrefixView:
+    """A prefix view backed by one lookup function per replica (e.g. the simulator's exact caches)."""
+
+    def __init__(self, lookups: Mapping[str, Callable[[Sequence[int]], int]]) -> None:
+        self._lookups = lookups
+
+    def match(self, block_hashes: Sequence[int]) -> Mapping[str, int]:
+        return {rid: n for rid, fn in self._lookups.items() if (n := fn(block_hashes))}
+
+
+class PrefixIndex:
+    """A router-side mirror of what each replica probably caches: an LRU of block hashes per replica.
+
+    The router records the blocks of every request it sends (``record``), and forgets the least
+    recently used blocks of a replica beyond ``capacity_blocks`` (the replica's KV size), the way
+    the replica's own LRU would. This is GORGO-proxy's "mirror of what the proxy sent where"; KV
+    events from the engine can correct it (``remove``).
+    """
+
+    def __init__(self, capacity_blocks: Mapping[str, int]) -> None:
+        self._capacity = dict(capacity_blocks)
+        self._blocks: dict[str, OrderedDict[int, None]] = {rid: OrderedDict() for rid in capacity_blocks}
+
+    def record(self, replica: str, block_hashes: Sequence[int]) -> None:
+        lru = self._blocks[replica]
+        for h in block_hashes:
+            lru[h] = None
+            lru.move_to_end(h)
+        over = len(lru) - self._capacity[replica]
+        for _ in range(max(0, over)):
+            lru.popitem(last=False)
+
+    def remove(self, replica: str, block_hashes: Sequence[int]) -> None:
+        lru = self._blocks[replica]
+        for h in block_hashes:
+            lru.pop(h, None)
+
+    def clear(self, replica: str) -> None:
+        self._blocks[replica].clear()
+
+    def match(self, block_hashes: Sequence[int]) -> Mapping[str, int]:
+        out: dict[str, int] = {}
+        for rid, lru in self._blocks.items():
+            n = 0
+            for h in block_hashes:
+                if h not in lru:
+                    break
+                n += 1
+            if n:
+                out[rid] = n
+        return out
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """Immutable input of :meth:`Policy.choose`, built by the router's collectors or by the simulator.
+
+    Attributes:
+        now: time of the snapshot, seconds (policies read time only from here).
+        here: region of the deciding router.
+        instances: replica id -> view, in a stable order.
+        rtt_s: ``rtt_s(a, b)``: round-trip seconds between regions ``a`` and ``b``.
+        prefix: cached-prefix lengths per replica.
+        block_size: tokens per KV block, to turn matched blocks into tokens.
+    """
+
+    now: float
+    here: str
+    instances: Mapping[str, InstanceView]
+    rtt_s: Callable[[str, str], float]
+    prefix: PrefixIndexView = field(default_factory=NoPrefixInfo)
+    block_size: int = 16
+
+    def available(self) -> list[InstanceView]:
+        """Replicas that may receive a request (healthy and not full), in snapshot order."""
+        return [v for v in self.instances.values() if v.available]
