@@ -18,6 +18,7 @@ Each coefficient's source is in the docstring of the spec that carries it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -174,34 +175,57 @@ def model_spec(name: str) -> ModelSpec:
     return MODELS[key]
 
 
-@dataclass(frozen=True, slots=True)
 class RooflinePerfModel:
     """The roofline step-time model of the module docstring for one (GPU, model) pair.
 
     ``c0_s`` (0.13 ms) and ``c_seq_s`` (4.4 µs per sequence) are BLIS's fitted per-step and
-    per-sequence overheads (MODELS.md §1).
+    per-sequence overheads (MODELS.md §1). Immutable; coefficients are computed once.
     """
 
-    gpu: GpuSpec
-    model: ModelSpec
-    c0_s: float = 0.13e-3
-    c_seq_s: float = 4.4e-6
+    __slots__ = ("_dense_d", "_dense_p", "_k_d", "_k_p", "_weights", "c0_s", "c_seq_s", "gpu", "model")
 
-    @property
-    def _bw(self) -> float:
-        return self.gpu.mem_bw_tbs * 1e12 * self.gpu.bw_eff
+    def __init__(self, gpu: GpuSpec, model: ModelSpec, c0_s: float = 0.13e-3, c_seq_s: float = 4.4e-6) -> None:
+        self.gpu = gpu
+        self.model = model
+        self.c0_s = c0_s
+        self.c_seq_s = c_seq_s
+        flops = gpu.tflops * 1e12
+        bw = gpu.mem_bw_tbs * 1e12 * gpu.bw_eff
+        self._weights = model.weight_bytes / bw
+        self._dense_p = 2.0 * model.params / (flops * gpu.mfu_prefill)
+        self._dense_d = 2.0 * model.params / (flops * gpu.mfu_decode)
+        self._k_p = 4.0 * model.layers * model.heads * model.head_dim / (flops * gpu.mfu_prefill)
+        self._k_d = model.kv_bytes_per_token / bw
+
+    def __repr__(self) -> str:
+        return f"RooflinePerfModel({self.gpu.name}, {self.model.name})"
 
     def step_time(
         self, prefill_tokens: int, prefill_attn: float, num_prefill: int, num_decode: int, decode_ctx: int
     ) -> float:
-        g, m = self.gpu, self.model
-        flops = g.tflops * 1e12
-        weights = m.weight_bytes / self._bw
-        dense = 2.0 * m.params * (prefill_tokens / g.mfu_prefill + num_decode / g.mfu_decode) / flops
-        attn_p = 4.0 * m.layers * m.heads * m.head_dim * prefill_attn / (flops * g.mfu_prefill)
-        attn_d = m.kv_bytes_per_token * decode_ctx / self._bw
-        n = num_prefill + num_decode
-        return self.c0_s + self.c_seq_s * n + max(weights, dense) + attn_p + attn_d
+        dense = self._dense_p * prefill_tokens + self._dense_d * num_decode
+        w = self._weights
+        return (self.c0_s + self.c_seq_s * (num_prefill + num_decode) + (w if w > dense else dense)
+                + self._k_p * prefill_attn + self._k_d * decode_ctx)
+
+    def decode_run(self, n: int, ctx0: int, k_max: int, budget_s: float) -> tuple[int, float]:
+        """Closed form of :func:`decode_run` for this model: step ``i`` lasts ``a + b * i``."""
+        a = self.step_time(0, 0.0, 0, n, ctx0)
+        b = self._k_d * n
+        # total(k) = k*a + b*k*(k-1)/2 <= budget_s, k >= 1
+        if math.isinf(budget_s):
+            k = k_max
+        elif b > 0.0:
+            disc = (a - b / 2.0) ** 2 + 2.0 * b * budget_s
+            k = int(((b / 2.0 - a) + math.sqrt(max(disc, 0.0))) / b) if disc > 0 else 0
+        else:
+            k = int(budget_s / a) if a > 0 else k_max
+        k = max(1, min(k_max, k))
+        while k > 1 and k * a + b * k * (k - 1) / 2.0 > budget_s:
+            k -= 1
+        while k < k_max and (k + 1) * a + b * (k + 1) * k / 2.0 <= budget_s:
+            k += 1
+        return k, k * a + b * k * (k - 1) / 2.0
 
     def prefill_s_per_token(self, prompt_tokens: int = 1024) -> float:
         """Mean prefill time per token of a ``prompt_tokens`` prompt run alone (GORGO's ``t_p``)."""
@@ -221,3 +245,27 @@ class RooflinePerfModel:
 def builtin_perf_model(gpu: str, model: str) -> RooflinePerfModel:
     """The roofline model for a built-in (GPU, model) pair."""
     return RooflinePerfModel(gpu_spec(gpu), model_spec(model))
+
+
+def decode_run(perf: PerfModel, n: int, ctx0: int, k_max: int, budget_s: float) -> tuple[int, float]:
+    """How many consecutive decode-only steps of ``n`` requests fit, and how long they take.
+
+    Step ``i`` (from 0) has ``n`` decoding requests with ``ctx0 + i * n`` tokens of context in
+    total. Returns ``(k, seconds)`` with ``1 <= k <= k_max``: the first step always runs, and each
+    further one only if the total stays within ``budget_s``. Models with a closed form provide a
+    ``decode_run`` method of the same signature, which is used instead of stepping the loop.
+    """
+    fast = getattr(perf, "decode_run", None)
+    if fast is not None:
+        k_fast, total_fast = fast(n, ctx0, k_max, budget_s)
+        return int(k_fast), float(total_fast)
+    step_time = perf.step_time
+    total = 0.0
+    k = 0
+    while k < k_max:
+        dt = step_time(0, 0.0, 0, n, ctx0 + k * n)
+        if k and total + dt > budget_s:
+            break
+        total += dt
+        k += 1
+    return k, total

@@ -89,18 +89,18 @@ class BlockPool:
 
         The caller checks ``num_free >= n`` first; asking for more raises ``ValueError``.
         """
-        if n > len(self._free):
-            raise ValueError(f"asked for {n} blocks, {len(self._free)} free")
-        free, ref, hashes, cached = self._free, self._ref, self._hash, self._cached
-        out: list[int] = []
-        for _ in range(n):
-            b, _unused = free.popitem(last=False)
+        free = self._free
+        if n > len(free):
+            raise ValueError(f"asked for {n} blocks, {len(free)} free")
+        popitem = free.popitem
+        out = [popitem(False)[0] for _ in range(n)]
+        ref, hashes, cached = self._ref, self._hash, self._cached
+        for b in out:
+            ref[b] = 1
             h = hashes[b]
             if h is not None:
                 del cached[h]
                 hashes[b] = None
-            ref[b] = 1
-            out.append(b)
         return out
 
     def cache(self, block: int, block_hash: int) -> None:
@@ -109,6 +109,18 @@ class BlockPool:
             return
         self._hash[block] = block_hash
         self._cached[block_hash] = block
+
+    def cache_range(self, blocks: Sequence[int], block_hashes: Sequence[int], start: int, end: int) -> None:
+        """:meth:`cache` for ``blocks[i]`` with ``block_hashes[i]``, ``start <= i < end``."""
+        if not self.enable_caching:
+            return
+        hashes, cached = self._hash, self._cached
+        for i in range(start, end):
+            b = blocks[i]
+            h = block_hashes[i]
+            if hashes[b] is None and h not in cached:
+                hashes[b] = h
+                cached[h] = b
 
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference on each block; blocks reaching zero go to the free-queue tail.
@@ -119,10 +131,11 @@ class BlockPool:
         ref, free = self._ref, self._free
         for b in reversed(blocks):
             r = ref[b] - 1
-            if r < 0:
-                raise ValueError(f"block {b} freed more often than referenced")
             ref[b] = r
-            if r == 0:
+            if r <= 0:
+                if r < 0:
+                    ref[b] = 0
+                    raise ValueError(f"block {b} freed more often than referenced")
                 free[b] = None
 
     def reset_prefix_cache(self) -> list[int]:

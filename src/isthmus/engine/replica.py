@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from isthmus.core.instance import InstanceSpec
-from isthmus.core.perf import PerfModel
+from isthmus.core.perf import PerfModel, decode_run
 from isthmus.core.request import Request
 from isthmus.core.snapshot import InstanceView
 from isthmus.engine.kv_cache import BlockPool
@@ -131,6 +131,12 @@ class Replica:
         """Queue ``request`` (arrived at ``now``) behind the waiting ones."""
         if request.id in self._seqs:
             raise ValueError(f"request {request.id} is already on replica {self.id}")
+        need = -(-(request.prompt_tokens + request.max_output_tokens) // self._bs)
+        if need > self.pool.num_blocks:
+            raise ValueError(
+                f"request {request.id} needs {need} KV blocks ({request.prompt_tokens} + "
+                f"{request.max_output_tokens} tokens); replica {self.id} has {self.pool.num_blocks}"
+            )
         s = _Seq(request, now)
         self._seqs[request.id] = s
         self.waiting.append(s)
@@ -304,9 +310,8 @@ class Replica:
             hashes = s.req.block_hashes
             if s.hashed < len(hashes):
                 full = min(len(hashes), s.computed // bs)
-                for j in range(s.hashed, full):
-                    pool.cache(s.blocks[j], hashes[j])
                 if full > s.hashed:
+                    pool.cache_range(s.blocks, hashes, s.hashed, full)
                     s.hashed = full
             if s.computed == s.prompt + s.out:
                 s.out += 1
@@ -348,15 +353,8 @@ class Replica:
             left = s.target - s.out
             if left < k_fin:
                 k_fin = left
-        step_time = self.perf.step_time
-        t = now
-        k = 0
-        while k < k_fin:
-            dt = step_time(0, 0.0, 0, n, ctx0 + k * n)
-            if k and t + dt > horizon:
-                break
-            t += dt
-            k += 1
+        k, total = decode_run(self.perf, n, ctx0, k_fin, horizon - now)
+        t = now + total
         bs = self._bs
         need_total = 0
         for s in running:

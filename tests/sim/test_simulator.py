@@ -1,0 +1,89 @@
+import math
+
+import numpy as np
+import pytest
+
+from isthmus.core import InstanceSpec, Request, Topology, builtin_perf_model, hash_token_blocks
+from isthmus.policies import default_registry
+from isthmus.sim import Simulation
+
+TOPO = Topology.from_pairs(["east", "west"], {("east", "west"): 80.0}, intra_region_rtt_ms=2.0)
+
+
+def _poisson_requests(n, rate, prompt, out, seed=0, regions=("east",), shared=0):
+    rng = np.random.default_rng(seed)
+    t = 0.0
+    for i in range(n):
+        t += rng.exponential(1.0 / rate)
+        toks = list(range(shared)) + list(range(10_000 + i * prompt, 10_000 + i * prompt + prompt - shared))
+        yield Request(f"r{i}", t, regions[i % len(regions)], prompt, hash_token_blocks(toks), out)
+
+
+def test_md1_waiting_time_matches_closed_form():
+    """One replica serving one request at a time with identical jobs is an M/D/1 queue."""
+    spec = InstanceSpec("e0", "east", "A100", "Mistral-7B", max_num_seqs=1)
+    service = builtin_perf_model("A100", "Mistral-7B").step_time(256, 256 * 128.0, 1, 0, 0)
+    rho = 0.7
+    reqs = _poisson_requests(20_000, rho / service, 256, 1, seed=11)
+    res = Simulation(TOPO, [spec], default_registry().create("least_load"), reqs).run()
+    assert res.completed == 20_000
+    wq = rho * service / (2 * (1 - rho))  # Pollaczek-Khinchine for deterministic service
+    assert res.queue_s.mean() == pytest.approx(wq, rel=0.08)
+    # TTFT = queueing + service + one RTT inside the region
+    assert res.ttft_s.mean() == pytest.approx(wq + service + 0.002, rel=0.08)
+
+
+def _cluster():
+    return [
+        InstanceSpec("east-0", "east", "A100", "Mistral-7B"),
+        InstanceSpec("east-1", "east", "H100", "Mistral-7B"),
+        InstanceSpec("west-0", "west", "A100", "Mistral-7B"),
+    ]
+
+
+@pytest.mark.parametrize("policy", ["random", "round_robin", "least_load"])
+def test_requests_are_conserved_and_runs_repeat_exactly(policy):
+    def run():
+        reqs = _poisson_requests(600, 12.0, 700, 40, seed=5, regions=("east", "west"), shared=320)
+        pol = default_registry().create(policy, rng=np.random.default_rng(9))
+        return Simulation(TOPO, _cluster(), pol, reqs).run()
+
+    a, b = run(), run()
+    assert a.requests == a.completed == 600
+    assert a.summary() == b.summary()
+    assert np.array_equal(a.ttft_s, b.ttft_s)
+    s = a.summary()
+    assert 0 < s["prefix_hit_rate"] < 1
+    assert all(math.isfinite(s["ttft_s"][k]) for k in ("mean", "p50", "p90", "p99"))
+    assert set(s["per_region"]) == {"east", "west"}
+
+
+def test_network_delay_is_paid_both_ways():
+    spec = [InstanceSpec("w", "west", "A100", "Mistral-7B")]
+    reqs = [Request("a", 0.0, "east", 64, (), 1)]
+    res = Simulation(TOPO, spec, default_registry().create("least_load"), reqs).run()
+    prefill = builtin_perf_model("A100", "Mistral-7B").step_time(64, 64 * 32.0, 1, 0, 0)
+    assert res.ttft_s[0] == pytest.approx(0.080 + prefill)
+    assert res.summary()["cross_region_share"] == 1.0
+
+
+def test_a_central_proxy_adds_its_hops():
+    spec = [InstanceSpec("e", "east", "A100", "Mistral-7B")]
+    reqs = [Request("a", 0.0, "east", 64, (), 1)]
+    res = Simulation(TOPO, spec, default_registry().create("least_load"), reqs, router_region="west").run()
+    prefill = builtin_perf_model("A100", "Mistral-7B").step_time(64, 64 * 32.0, 1, 0, 0)
+    assert res.ttft_s[0] == pytest.approx(2 * 0.080 + prefill)  # east -> west -> east and back
+
+
+def test_least_load_spreads_and_prefers_nearby_replicas():
+    reqs = list(_poisson_requests(300, 30.0, 500, 30, seed=2, regions=("east",)))
+    res = Simulation(TOPO, _cluster(), default_registry().create("least_load"), reqs).run()
+    served = np.bincount(res.served, minlength=2)
+    assert served[0] > served[1] > 0  # mostly east, west only when east is busier
+
+
+def test_oversized_request_is_rejected_not_lost():
+    spec = [InstanceSpec("e", "east", "A100", "Mistral-7B", num_kv_blocks=8)]
+    reqs = [Request("big", 0.0, "east", 1000, (), 4), Request("ok", 0.1, "east", 32, (), 4)]
+    res = Simulation(TOPO, spec, default_registry().create("least_load"), reqs).run()
+    assert res.requests == 2 and res.completed == 1 and res.rejected == 1
