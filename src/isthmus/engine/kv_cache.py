@@ -8,11 +8,17 @@ Free blocks wait in one queue. A freed block keeps its hash and goes to the *tai
 from the *head* and drops the hash of the block it takes. The head therefore holds the least
 recently freed blocks, and eviction is LRU. A free block that a new request hits is taken out of
 the queue wherever it is.
+
+The queue is a deque with lazy deletion: a hit on a free block leaves its entry in place, and the
+entry is skipped when it reaches the head (the block is referenced again, or has a newer entry
+further back). ``_qcount[b]`` counts the entries of block ``b`` in the deque, so an entry is live
+exactly when ``ref[b] == 0`` and it is the last entry of ``b``. The deque is compacted when stale
+entries outnumber the blocks.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Sequence
 
 
@@ -23,7 +29,8 @@ class BlockPool:
     free queue, never both; a hash maps to exactly one block and that block carries the hash.
     """
 
-    __slots__ = ("_cached", "_free", "_hash", "_ref", "block_size", "enable_caching", "num_blocks")
+    __slots__ = ("_cached", "_hash", "_n_free", "_qcount", "_queue", "_ref", "block_size", "enable_caching",
+                 "num_blocks")
 
     def __init__(self, num_blocks: int, block_size: int = 16, enable_caching: bool = True) -> None:
         if num_blocks < 1:
@@ -34,17 +41,19 @@ class BlockPool:
         self._ref = [0] * num_blocks
         self._hash: list[int | None] = [None] * num_blocks
         self._cached: dict[int, int] = {}
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._queue: deque[int] = deque(range(num_blocks))
+        self._qcount = [1] * num_blocks
+        self._n_free = num_blocks
 
     @property
     def num_free(self) -> int:
         """Blocks in the free queue (cached-but-unreferenced ones included)."""
-        return len(self._free)
+        return self._n_free
 
     @property
     def usage(self) -> float:
         """Share of blocks referenced by some request (vLLM's ``kv_cache_usage_perc``)."""
-        return 1.0 - len(self._free) / self.num_blocks
+        return 1.0 - self._n_free / self.num_blocks
 
     @property
     def num_cached(self) -> int:
@@ -77,30 +86,41 @@ class BlockPool:
         return n
 
     def touch(self, blocks: Sequence[int]) -> None:
-        """Take a reference on each of ``blocks`` (cache hits), pulling free ones out of the queue."""
-        ref, free = self._ref, self._free
+        """Take a reference on each of ``blocks`` (cache hits), taking free ones out of the queue."""
+        ref = self._ref
+        taken = 0
         for b in blocks:
             if ref[b] == 0:
-                del free[b]
+                taken += 1
             ref[b] += 1
+        self._n_free -= taken
 
     def allocate(self, n: int) -> list[int]:
         """``n`` fresh blocks from the head of the free queue, dropping their old hashes.
 
         The caller checks ``num_free >= n`` first; asking for more raises ``ValueError``.
         """
-        free = self._free
-        if n > len(free):
-            raise ValueError(f"asked for {n} blocks, {len(free)} free")
-        popitem = free.popitem
-        out = [popitem(False)[0] for _ in range(n)]
-        ref, hashes, cached = self._ref, self._hash, self._cached
-        for b in out:
+        if n > self._n_free:
+            raise ValueError(f"asked for {n} blocks, {self._n_free} free")
+        pop = self._queue.popleft
+        ref, qc, hashes, cached = self._ref, self._qcount, self._hash, self._cached
+        out: list[int] = []
+        append = out.append
+        left = n
+        while left:
+            b = pop()
+            c = qc[b] - 1
+            qc[b] = c
+            if c or ref[b]:
+                continue  # stale entry
             ref[b] = 1
             h = hashes[b]
             if h is not None:
                 del cached[h]
                 hashes[b] = None
+            append(b)
+            left -= 1
+        self._n_free -= n
         return out
 
     def cache(self, block: int, block_hash: int) -> None:
@@ -128,7 +148,8 @@ class BlockPool:
         Blocks are released in reverse order, so a request's last blocks (least likely to be shared)
         are evicted first, as in vLLM.
         """
-        ref, free = self._ref, self._free
+        ref, qc, q = self._ref, self._qcount, self._queue
+        released = 0
         for b in reversed(blocks):
             r = ref[b] - 1
             ref[b] = r
@@ -136,7 +157,28 @@ class BlockPool:
                 if r < 0:
                     ref[b] = 0
                     raise ValueError(f"block {b} freed more often than referenced")
-                free[b] = None
+                q.append(b)
+                qc[b] += 1
+                released += 1
+        self._n_free += released
+        if len(q) > 2 * self.num_blocks + 64:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop stale queue entries, keeping the order of live ones."""
+        ref = self._ref
+        seen: set[int] = set()
+        live: list[int] = []
+        for b in reversed(self._queue):
+            if ref[b] == 0 and b not in seen:
+                seen.add(b)
+                live.append(b)
+        live.reverse()
+        self._queue = deque(live)
+        qc = [0] * self.num_blocks
+        for b in live:
+            qc[b] = 1
+        self._qcount = qc
 
     def reset_prefix_cache(self) -> list[int]:
         """Drop every hash of free blocks (vLLM's ``reset_prefix_cache``); returns the removed hashes."""
@@ -150,12 +192,26 @@ class BlockPool:
 
     def check(self) -> None:
         """Assert the invariants; for tests."""
+        live: dict[int, int] = {}
+        counts: dict[int, int] = {}
+        for pos, b in enumerate(self._queue):
+            counts[b] = counts.get(b, 0) + 1
+            live[b] = pos
         for b in range(self.num_blocks):
-            in_free = b in self._free
             assert self._ref[b] >= 0, f"block {b} has negative refs"
-            assert (self._ref[b] == 0) == in_free, f"block {b}: ref={self._ref[b]} in_free={in_free}"
+            assert self._qcount[b] == counts.get(b, 0), f"block {b}: queue count off"
+            in_free = self._ref[b] == 0
+            assert not in_free or b in live, f"block {b} is unreferenced but not queued"
             h = self._hash[b]
             if h is not None:
                 assert self._cached.get(h) == b, f"block {b} hash {h} not mapped back"
+        assert self._n_free == sum(1 for r in self._ref if r == 0)
         for h, b in self._cached.items():
             assert self._hash[b] == h
+
+    def free_order(self) -> list[int]:
+        """Free blocks from head (next to be evicted) to tail; for tests."""
+        last: dict[int, int] = {}
+        for pos, b in enumerate(self._queue):
+            last[b] = pos
+        return [b for pos, b in enumerate(self._queue) if last[b] == pos and self._ref[b] == 0]
