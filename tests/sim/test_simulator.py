@@ -87,3 +87,13 @@ def test_oversized_request_is_rejected_not_lost():
     reqs = [Request("big", 0.0, "east", 1000, (), 4), Request("ok", 0.1, "east", 32, (), 4)]
     res = Simulation(TOPO, spec, default_registry().create("least_load"), reqs).run()
     assert res.requests == 2 and res.completed == 1 and res.rejected == 1
+
+
+def test_requests_from_far_origins_may_reach_the_proxy_out_of_send_order():
+    topo = Topology.from_pairs(["near", "far"], {("near", "far"): 300.0}, intra_region_rtt_ms=1.0)
+    spec = [InstanceSpec("n0", "near", "A100", "Mistral-7B")]
+    reqs = [Request("a", 0.0, "far", 64, (), 2), Request("b", 0.01, "near", 64, (), 2)]
+    res = Simulation(topo, spec, default_registry().create("least_load"), reqs, router_region="near").run()
+    assert res.completed == 2
+    # "b" was sent later but reached the proxy first, so it finished first
+    assert res.arrival_s[0] == pytest.approx(0.01)

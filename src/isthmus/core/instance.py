@@ -22,6 +22,9 @@ class InstanceSpec:
         enable_chunked_prefill: split long prompts over several steps (vLLM v1 default on).
         enable_prefix_caching: reuse cached prompt blocks (vLLM v1 default on).
         gpu_memory_utilization: share of GPU memory vLLM may use.
+        reserve_full_isl: admit a waiting request only when blocks for its whole current sequence
+            are free, not just for its first chunk (vLLM's ``scheduler_reserve_full_isl``, on by
+            default in recent vLLM; it avoids admitting what would soon be preempted).
     """
 
     id: str
@@ -35,6 +38,7 @@ class InstanceSpec:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
+    reserve_full_isl: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

@@ -6,12 +6,14 @@ BLIS's roofline model)::
 
     t_step = c0 + c_seq * n_seqs
            + max(W_bytes / (BW * bw_eff),                       # weights streamed once per step
-                 2 * P * (N_prefill / mfu_prefill + N_decode / mfu_decode) / FLOPS)   # dense compute
+                 2 * P_body * (N_prefill / mfu_prefill + N_decode / mfu_decode) / FLOPS
+                 + 2 * V * H * n_seqs / (FLOPS * mfu_decode))   # dense compute; LM head per sequence
            + k_p * sum_i chunk_i * (ctx_i + chunk_i / 2)        # prefill attention (causal)
            + k_d * sum_j ctx_j                                  # decode attention (KV reads)
 
-with ``k_p = 4 * layers * n_heads * head_dim / (FLOPS * mfu_prefill)`` (QK^T and PV, two FLOPs per
-multiply-add) and ``k_d = kv_bytes_per_token / (BW * bw_eff)``.
+with ``P_body = P - 2 * V * H`` (the embedding is a lookup and the LM head runs once per sampled
+sequence, not per token), ``k_p = 4 * layers * n_heads * head_dim / (FLOPS * mfu_prefill)`` (QK^T and
+PV, two FLOPs per multiply-add) and ``k_d = kv_bytes_per_token / (BW * kv_bw_eff)``.
 
 Each coefficient's source is in the docstring of the spec that carries it.
 """
@@ -53,8 +55,11 @@ class GpuSpec:
         memory_bytes: memory as the CUDA driver reports it (what vLLM's utilization applies to).
         mfu_prefill: achieved share of ``tflops`` on prefill GEMMs.
         mfu_decode: achieved share of ``tflops`` on decode GEMMs.
-        bw_eff: achieved share of ``mem_bw_tbs`` when streaming weights and KV.
+        bw_eff: achieved share of ``mem_bw_tbs`` when streaming weights.
         source: where the figures come from.
+        kv_bw_eff: achieved share of ``mem_bw_tbs`` when decode attention reads the KV cache
+            (scattered 16-token pages, lower than weight streaming); ``None`` = ``0.8 * bw_eff``,
+            the ratio measured on the RTX 4090 profile.
     """
 
     name: str
@@ -65,6 +70,11 @@ class GpuSpec:
     mfu_decode: float
     bw_eff: float
     source: str
+    kv_bw_eff: float | None = None
+
+    @property
+    def kv_efficiency(self) -> float:
+        return self.kv_bw_eff if self.kv_bw_eff is not None else 0.8 * self.bw_eff
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +84,7 @@ class ModelSpec:
     Attributes:
         name: profile name.
         params: parameter count (embeddings and LM head included).
-        layers, hidden, heads, kv_heads, head_dim: architecture (the model's ``config.json``).
+        layers, hidden, heads, kv_heads, head_dim, vocab: architecture (the model's ``config.json``).
         bytes_per_param: 2 for BF16/FP16 weights.
         activation_bytes: memory vLLM's start-up profiling reserves besides weights and KV (peak
             activations at ``max_num_batched_tokens`` = 2048, CUDA graphs, allocator slack).
@@ -88,6 +98,7 @@ class ModelSpec:
     heads: int
     kv_heads: int
     head_dim: int
+    vocab: int
     bytes_per_param: int
     activation_bytes: float
     source: str
@@ -123,7 +134,8 @@ GPUS: dict[str, GpuSpec] = {
         GpuSpec("RTX4090", 165.2, 1.008, 25.25e9, 0.90, 0.45, 0.97,
                 "Ada whitepaper (165.2 TF BF16 with FP32 accumulate, 1008 GB/s); memory as vLLM 0.19 reported it; "
                 "MFU and bw_eff from LLMServingSim's per-layer vLLM profile of Llama-3.1-8B (dense GEMMs at 2048 tokens "
-                "run at ~158 TF/s; a 1-token decode streams 16 GB in 16.3 ms)"),
+                "run at ~158 TF/s; a 1-token decode streams 16 GB in 16.3 ms; decode attention reads KV at ~78 % "
+                "of peak)", kv_bw_eff=0.78),
         GpuSpec("L40S", 362.05, 0.864, 48.3e9, 0.32, 0.08, 0.78,
                 "L40S datasheet; MFU from BLIS hardware_config.json"),
     )
@@ -136,13 +148,13 @@ _ACT_7B = 1.24e9
 MODELS: dict[str, ModelSpec] = {
     m.name: m
     for m in (
-        ModelSpec("Llama-3.1-8B", 8.03e9, 32, 4096, 32, 8, 128, 2, _ACT_7B,
+        ModelSpec("Llama-3.1-8B", 8.03e9, 32, 4096, 32, 8, 128, 128256, 2, _ACT_7B,
                   "meta-llama/Llama-3.1-8B config.json (GQA, 8 KV heads: 128 KiB KV per token)"),
-        ModelSpec("Llama-3-8B", 8.03e9, 32, 4096, 32, 8, 128, 2, _ACT_7B,
+        ModelSpec("Llama-3-8B", 8.03e9, 32, 4096, 32, 8, 128, 128256, 2, _ACT_7B,
                   "meta-llama/Meta-Llama-3-8B config.json (same shape as Llama-3.1-8B)"),
-        ModelSpec("Mistral-7B", 7.24e9, 32, 4096, 32, 8, 128, 2, _ACT_7B,
+        ModelSpec("Mistral-7B", 7.25e9, 32, 4096, 32, 8, 128, 32768, 2, _ACT_7B,
                   "mistralai/Mistral-7B-Instruct-v0.3 config.json (GQA, 8 KV heads: 128 KiB KV per token)"),
-        ModelSpec("Llama-2-7B", 6.74e9, 32, 4096, 32, 32, 128, 2, _ACT_7B,
+        ModelSpec("Llama-2-7B", 6.74e9, 32, 4096, 32, 32, 128, 32000, 2, _ACT_7B,
                   "meta-llama/Llama-2-7b-hf config.json (MHA: 512 KiB KV per token)"),
     )
 }
@@ -182,7 +194,7 @@ class RooflinePerfModel:
     per-sequence overheads (MODELS.md §1). Immutable; coefficients are computed once.
     """
 
-    __slots__ = ("_dense_d", "_dense_p", "_k_d", "_k_p", "_weights", "c0_s", "c_seq_s", "gpu", "model")
+    __slots__ = ("_dense_d", "_dense_p", "_head", "_k_d", "_k_p", "_weights", "c0_s", "c_seq_s", "gpu", "model")
 
     def __init__(self, gpu: GpuSpec, model: ModelSpec, c0_s: float = 0.13e-3, c_seq_s: float = 4.4e-6) -> None:
         self.gpu = gpu
@@ -190,12 +202,15 @@ class RooflinePerfModel:
         self.c0_s = c0_s
         self.c_seq_s = c_seq_s
         flops = gpu.tflops * 1e12
-        bw = gpu.mem_bw_tbs * 1e12 * gpu.bw_eff
-        self._weights = model.weight_bytes / bw
-        self._dense_p = 2.0 * model.params / (flops * gpu.mfu_prefill)
-        self._dense_d = 2.0 * model.params / (flops * gpu.mfu_decode)
+        bw = gpu.mem_bw_tbs * 1e12
+        vh = float(model.vocab * model.hidden)
+        body = model.params - 2.0 * vh
+        self._weights = model.weight_bytes / (bw * gpu.bw_eff)
+        self._dense_p = 2.0 * body / (flops * gpu.mfu_prefill)
+        self._dense_d = 2.0 * body / (flops * gpu.mfu_decode)
+        self._head = 2.0 * vh / (flops * gpu.mfu_decode)
         self._k_p = 4.0 * model.layers * model.heads * model.head_dim / (flops * gpu.mfu_prefill)
-        self._k_d = model.kv_bytes_per_token / bw
+        self._k_d = model.kv_bytes_per_token / (bw * gpu.kv_efficiency)
 
     def __repr__(self) -> str:
         return f"RooflinePerfModel({self.gpu.name}, {self.model.name})"
@@ -203,9 +218,10 @@ class RooflinePerfModel:
     def step_time(
         self, prefill_tokens: int, prefill_attn: float, num_prefill: int, num_decode: int, decode_ctx: int
     ) -> float:
-        dense = self._dense_p * prefill_tokens + self._dense_d * num_decode
+        n = num_prefill + num_decode
+        dense = self._dense_p * prefill_tokens + self._dense_d * num_decode + self._head * n
         w = self._weights
-        return (self.c0_s + self.c_seq_s * (num_prefill + num_decode) + (w if w > dense else dense)
+        return (self.c0_s + self.c_seq_s * n + (w if w > dense else dense)
                 + self._k_p * prefill_attn + self._k_d * decode_ctx)
 
     def decode_run(self, n: int, ctx0: int, k_max: int, budget_s: float) -> tuple[int, float]:

@@ -7,7 +7,8 @@ Each step (MODELS.md §1):
    request's new tokens, the newest running request is preempted (its blocks freed, to be
    recomputed later) until it can, or until the request itself is the one preempted;
 2. then, if nothing was preempted this step, waiting requests in arrival order while the budget,
-   the sequence cap (``max_num_seqs``) and free blocks allow. A newly admitted request first
+   the sequence cap (``max_num_seqs``) and free blocks allow (for the whole sequence, with
+   ``reserve_full_isl``, else for the first chunk). A newly admitted request first
    reuses the longest cached prefix of its prompt (at most ``prompt - 1`` tokens) and computes
    only the rest;
 3. the step's duration comes from the :class:`~isthmus.core.perf.PerfModel`; a request whose
@@ -248,6 +249,7 @@ class Replica:
         if not preempted:
             waiting = self.waiting
             chunked = self.spec.enable_chunked_prefill
+            reserve_full = self.spec.reserve_full_isl
             while waiting and budget > 0 and len(running) < self.spec.max_num_seqs:
                 s = waiting[0]
                 total = s.prompt + s.out
@@ -264,6 +266,8 @@ class Replica:
                 reclaimed = sum(1 for b in hits if pool._ref[b] == 0)
                 if need > pool.num_free - reclaimed:
                     break
+                if reserve_full and -(-total // bs) - len(hits) > pool.num_free - reclaimed:
+                    break  # the whole sequence must fit before any of it is admitted
                 waiting.popleft()
                 pool.touch(hits)
                 s.blocks = hits + pool.allocate(need) if need > 0 else hits

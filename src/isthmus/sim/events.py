@@ -2,8 +2,9 @@
 
 Tie-break: events at the same time run in ascending ``priority``; events with the same time and
 priority run in the order they were scheduled (``sequence``). The simulator uses priorities so that
-at one instant engine step completions are applied first, then deliveries to replicas, then new
-arrivals at routers, then router retries: a decision at time *t* sees every step that ended at *t*.
+at one instant engine step completions are applied first, then deliveries to replicas, then
+arrivals at routers, then clients sending new requests, then router retries: a decision at time
+*t* sees every step that ended at *t*.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 STEP_END = 0
 DELIVER = 1
 ARRIVAL = 2
-RETRY = 3
+SEND = 3
+RETRY = 4
 
 
 class EventLoop:

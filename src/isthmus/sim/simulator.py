@@ -33,7 +33,7 @@ from isthmus.core.request import Request
 from isthmus.core.snapshot import CallbackPrefixView, ClusterSnapshot, InstanceView
 from isthmus.core.topology import Topology
 from isthmus.engine.replica import FinishedRequest, Replica
-from isthmus.sim.events import ARRIVAL, DELIVER, RETRY, STEP_END, EventLoop
+from isthmus.sim.events import ARRIVAL, DELIVER, RETRY, SEND, STEP_END, EventLoop
 from isthmus.sim.metrics import RequestLog, SimResult
 
 
@@ -142,7 +142,8 @@ class Simulation:
         busy = [False] * n_rep
         held: list[_Flight] = []
         retry_scheduled = False
-        next_decision = math.inf  # time of the next ARRIVAL event (decision instant)
+        next_send = math.inf  # client send time of the next request in the stream
+        at_router: list[float] = []  # times of requests on their way to the router
         arrived = 0
         rejected = 0
         stream: Iterator[Request] = iter(self._requests)
@@ -154,21 +155,23 @@ class Simulation:
         every = self._progress_every
         last_arrival = -math.inf
 
-        def push_next_arrival() -> None:
-            nonlocal next_decision, last_arrival
+        def push_next_send() -> None:
+            nonlocal next_send, last_arrival
             req = next(stream, None)
             if req is None:
-                next_decision = math.inf
+                next_send = math.inf
                 return
             if req.arrival < last_arrival:
                 raise ValueError(f"request {req.id} arrives at {req.arrival}, before the previous one")
             last_arrival = req.arrival
-            t = req.arrival + to_router(req.origin)
-            next_decision = t
-            loop.schedule(t, ARRIVAL, ARRIVAL, req)
+            next_send = req.arrival
+            loop.schedule(req.arrival, SEND, SEND, req)
 
         def horizon(rep: int) -> float:
-            h = next_decision
+            # the next instant anyone may look at this replica or hand it a request
+            h = next_send
+            if at_router and at_router[0] < h:
+                h = at_router[0]
             if retry_scheduled:
                 h = min(h, loop.now + self.hold_retry_s)
             pd = pending_delivery[rep]
@@ -211,6 +214,18 @@ class Simulation:
             loop.schedule(t, DELIVER, DELIVER, (rep, req.id))
             return True
 
+        def arrive(req: Request, now: float) -> None:
+            nonlocal retry_scheduled
+            if req.id in flights:
+                raise ValueError(f"duplicate request id {req.id!r}")
+            f = _Flight(req, now)
+            flights[req.id] = f
+            if held or not decide(f, now):
+                held.append(f)
+                if not retry_scheduled:
+                    retry_scheduled = True
+                    loop.schedule(now + self.hold_retry_s, RETRY, RETRY)
+
         def complete(rep: int, fin: FinishedRequest) -> None:
             req = fin.request
             f = flights.pop(req.id)
@@ -236,7 +251,7 @@ class Simulation:
             if progress is not None and len(log) % every == 0:
                 progress(len(log))
 
-        push_next_arrival()
+        push_next_send()
         while True:
             ev = loop.pop()
             if ev is None:
@@ -260,19 +275,19 @@ class Simulation:
                     continue
                 if not busy[rep]:
                     start_step(rep, now)
-            elif kind == ARRIVAL:
+            elif kind == SEND:
                 req = payload
                 arrived += 1
-                if req.id in flights:
-                    raise ValueError(f"duplicate request id {req.id!r}")
-                f = _Flight(req, now)
-                flights[req.id] = f
-                push_next_arrival()
-                if held or not decide(f, now):
-                    held.append(f)
-                    if not retry_scheduled:
-                        retry_scheduled = True
-                        loop.schedule(now + self.hold_retry_s, RETRY, RETRY)
+                push_next_send()
+                delay = to_router(req.origin)
+                if delay > 0.0:
+                    heapq.heappush(at_router, now + delay)
+                    loop.schedule(now + delay, ARRIVAL, ARRIVAL, req)
+                else:
+                    arrive(req, now)
+            elif kind == ARRIVAL:
+                heapq.heappop(at_router)
+                arrive(payload, now)
             elif kind == RETRY:
                 retry_scheduled = False
                 still: list[_Flight] = []
