@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ class InstanceView:
         full: at its in-flight cap; policies must not pick it.
         age: how stale this view is, seconds.
         in_flight: requests sent to it and not finished, as the router counts them.
+        prefill_s_per_token: prefill seconds per prompt token of its GPU x model profile (GORGO's
+            ``t_p``); ``nan`` when unknown.
     """
 
     id: str
@@ -37,6 +40,7 @@ class InstanceView:
     full: bool = False
     age: float = 0.0
     in_flight: int = 0
+    prefill_s_per_token: float = math.nan
 
     @property
     def available(self) -> bool:
@@ -128,6 +132,8 @@ class ClusterSnapshot:
         rtt_s: ``rtt_s(a, b)``: round-trip seconds between regions ``a`` and ``b``.
         prefix: cached-prefix lengths per replica.
         block_size: tokens per KV block, to turn matched blocks into tokens.
+        hops: how many times this request was already forwarded between regional routers
+            (the hop header); a policy must not forward a request with ``hops >= 1``.
     """
 
     now: float
@@ -136,6 +142,7 @@ class ClusterSnapshot:
     rtt_s: Callable[[str, str], float]
     prefix: PrefixIndexView = field(default_factory=NoPrefixInfo)
     block_size: int = 16
+    hops: int = 0
 
     def available(self) -> list[InstanceView]:
         """Replicas that may receive a request (healthy and not full), in snapshot order."""
