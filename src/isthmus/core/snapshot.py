@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from itertools import islice
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -89,16 +89,19 @@ class PrefixIndex:
 
     def __init__(self, capacity_blocks: Mapping[str, int]) -> None:
         self._capacity = dict(capacity_blocks)
-        self._blocks: dict[str, OrderedDict[int, None]] = {rid: OrderedDict() for rid in capacity_blocks}
+        # A plain dict keeps insertion order: re-inserting a key moves it to the most-recent end.
+        self._blocks: dict[str, dict[int, None]] = {rid: {} for rid in capacity_blocks}
 
     def record(self, replica: str, block_hashes: Sequence[int]) -> None:
+        """Mark ``block_hashes`` as cached on ``replica``, most recently used."""
         lru = self._blocks[replica]
-        for h in block_hashes:
-            lru[h] = None
-            lru.move_to_end(h)
+        for h in lru.keys() & block_hashes:
+            del lru[h]
+        lru.update(dict.fromkeys(block_hashes))
         over = len(lru) - self._capacity[replica]
-        for _ in range(max(0, over)):
-            lru.popitem(last=False)
+        if over > 0:
+            for h in list(islice(lru, over)):
+                del lru[h]
 
     def remove(self, replica: str, block_hashes: Sequence[int]) -> None:
         lru = self._blocks[replica]
@@ -107,6 +110,10 @@ class PrefixIndex:
 
     def clear(self, replica: str) -> None:
         self._blocks[replica].clear()
+
+    def __len__(self) -> int:
+        """Blocks recorded over all replicas."""
+        return sum(len(b) for b in self._blocks.values())
 
     def match(self, block_hashes: Sequence[int]) -> Mapping[str, int]:
         out: dict[str, int] = {}

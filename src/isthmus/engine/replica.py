@@ -179,13 +179,20 @@ class Replica:
         )
 
     def view(self, age: float = 0.0, healthy: bool = True, full: bool = False, extra_waiting: int = 0,
-             in_flight: int = 0) -> InstanceView:
-        """This replica as a router would see it (what vLLM's ``/metrics`` exposes)."""
+             extra_waiting_tokens: int = 0, in_flight: int = 0, prefill_s_per_token: float = math.nan,
+             ) -> InstanceView:
+        """This replica as a router would see it (what vLLM's ``/metrics`` exposes).
+
+        ``extra_waiting`` / ``extra_waiting_tokens``: requests (and their prompt tokens) the router
+        sent that have not reached the engine yet; they count as waiting.
+        """
         return InstanceView(
             id=self.id, region=self.spec.region, gpu=self.spec.gpu,
             running=len(self.running), waiting=len(self.waiting) + extra_waiting,
-            running_tokens=self._running_prompt_tokens, queued_prefill_tokens=self._waiting_tokens,
+            running_tokens=self._running_prompt_tokens,
+            queued_prefill_tokens=self._waiting_tokens + extra_waiting_tokens,
             kv_usage=self.pool.usage, healthy=healthy, full=full, age=age, in_flight=in_flight,
+            prefill_s_per_token=prefill_s_per_token,
         )
 
     # ----------------------------------------------------------------------------- stepping

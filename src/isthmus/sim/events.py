@@ -3,8 +3,8 @@
 Tie-break: events at the same time run in ascending ``priority``; events with the same time and
 priority run in the order they were scheduled (``sequence``). The simulator uses priorities so that
 at one instant engine step completions are applied first, then deliveries to replicas, then
-arrivals at routers, then clients sending new requests, then router retries: a decision at time
-*t* sees every step that ended at *t*.
+arrivals at routers, then clients sending new requests, then router retries, then routers polling
+their peers: a decision at time *t* sees every step that ended at *t*.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ DELIVER = 1
 ARRIVAL = 2
 SEND = 3
 RETRY = 4
+SYNC = 5
 
 
 class EventLoop:

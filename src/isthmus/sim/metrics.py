@@ -23,12 +23,14 @@ class RequestLog:
     tpot: array = field(default_factory=lambda: array("d"))
     queue: array = field(default_factory=lambda: array("d"))
     finish: array = field(default_factory=lambda: array("d"))
+    bound: array = field(default_factory=lambda: array("d"))
     origin: array = field(default_factory=lambda: array("i"))
     served: array = field(default_factory=lambda: array("i"))
     prompt: array = field(default_factory=lambda: array("q"))
     cached: array = field(default_factory=lambda: array("q"))
     output: array = field(default_factory=lambda: array("q"))
     preemptions: array = field(default_factory=lambda: array("i"))
+    hops: array = field(default_factory=lambda: array("i"))
 
     def __len__(self) -> int:
         return len(self.arrival)
@@ -51,7 +53,8 @@ class SimResult:
     ``ttft_s`` (client-observed time to first token, network included), ``e2e_s``, ``tpot_s``
     (``nan`` for one-token outputs), ``queue_s`` (held at a router + waiting at the replica before
     first scheduled), ``origin`` / ``served`` (region indices into ``regions``), ``prompt_tokens``,
-    ``cached_tokens``, ``output_tokens``.
+    ``cached_tokens``, ``output_tokens``, ``bound_ttft_s`` (the lower bound on TTFT: best RTT plus
+    prefill of the uncached part over all replicas at send time, no queueing), ``hops`` (forwards).
     """
 
     policy: str
@@ -67,6 +70,8 @@ class SimResult:
     tpot_s: np.ndarray
     queue_s: np.ndarray
     finish_s: np.ndarray
+    bound_ttft_s: np.ndarray
+    hops: np.ndarray
     origin: np.ndarray
     served: np.ndarray
     prompt_tokens: np.ndarray
@@ -85,6 +90,8 @@ class SimResult:
             tpot_s=np.frombuffer(log.tpot, dtype=np.float64),
             queue_s=np.frombuffer(log.queue, dtype=np.float64),
             finish_s=np.frombuffer(log.finish, dtype=np.float64),
+            bound_ttft_s=np.frombuffer(log.bound, dtype=np.float64),
+            hops=np.frombuffer(log.hops, dtype=np.int32),
             origin=np.frombuffer(log.origin, dtype=np.int32),
             served=np.frombuffer(log.served, dtype=np.int32),
             prompt_tokens=np.frombuffer(log.prompt, dtype=np.int64),
@@ -100,9 +107,16 @@ class SimResult:
         prompt, cached = sel(self.prompt_tokens), sel(self.cached_tokens)
         n = int(arrival.size)
         span = float(finish.max() - arrival.min()) if n else 0.0
+        ttft = percentiles(sel(self.ttft_s))
+        bound = percentiles(sel(self.bound_ttft_s))
         return {
             "completed": n,
-            "ttft_s": percentiles(sel(self.ttft_s)),
+            "ttft_s": ttft,
+            "bound_ttft_s": bound,
+            "regret": {
+                "mean": ttft["mean"] / bound["mean"] if bound["mean"] > 0 else math.nan,
+                "p99": ttft["p99"] / bound["p99"] if bound["p99"] > 0 else math.nan,
+            },
             "tpot_s": percentiles(sel(self.tpot_s)),
             "e2e_s": percentiles(sel(self.e2e_s)),
             "queue_s": percentiles(sel(self.queue_s)),
