@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from itertools import islice
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Protocol
 
 
