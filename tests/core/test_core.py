@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from isthmus.core import (
     InstanceSpec,
@@ -73,5 +75,88 @@ def test_prefix_index_lru_mirror():
     idx.record("r1", [1, 2, 3])
     idx.record("r2", [1, 2])
     assert idx.match([1, 2, 3, 4]) == {"r1": 3, "r2": 2}
-    idx.record("r1", [9])  # evicts least recently used block 1
-    assert idx.match([1, 2]) == {"r2": 2}
+    idx.record("r1", [9])  # evicts the least recently used block: 3, the old prompt's tail
+    assert idx.match([1, 2, 3]) == {"r1": 2, "r2": 2}
+
+
+def test_prefix_index_evicts_the_tails_of_old_prompts_first():
+    idx = PrefixIndex({"r": 4})
+    idx.record("r", [1, 2, 3])
+    idx.record("r", [7, 8])  # over capacity by one: block 3 (the old prompt's tail) goes
+    assert idx.match([1, 2, 3]) == {"r": 2}
+    assert idx.match([7, 8]) == {"r": 2}
+
+
+def test_prefix_index_remove_and_clear():
+    idx = PrefixIndex({"a": 10, "b": 10})
+    idx.record("a", [1, 2, 3])
+    idx.record("b", [1, 2])
+    idx.remove("a", [2])
+    assert idx.match([1, 2, 3]) == {"a": 1, "b": 2}
+    idx.clear("b")
+    assert idx.match([1, 2, 3]) == {"a": 1} and len(idx) == 2
+
+
+
+
+class NaivePrefixIndex:
+    """Per-replica LRU walked one replica at a time: the definition PrefixIndex must agree with."""
+
+    def __init__(self, cap):
+        self.cap = cap
+        self.lru = {r: {} for r in cap}
+
+    def record(self, r, hs):
+        lru = self.lru[r]
+        for h in reversed(hs):
+            lru.pop(h, None)
+            lru[h] = None
+        while len(lru) > self.cap[r]:
+            del lru[next(iter(lru))]
+
+    def match(self, hs):
+        out = {}
+        for r, lru in self.lru.items():
+            n = 0
+            for h in hs:
+                if h not in lru:
+                    break
+                n += 1
+            if n:
+                out[r] = n
+        return out
+
+
+def _chain(tokens):
+    """Chained hashes with one token per block: a prompt's hash sequence, as routers see it."""
+    return list(hash_token_blocks(tokens, block_size=1))
+
+
+prompts = st.lists(st.integers(0, 3), max_size=7)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), prompts), max_size=30), prompts)
+def test_prefix_index_agrees_with_the_naive_walk(ops, query):
+    cap = {"a": 5, "b": 8, "c": 3}
+    fast, slow = PrefixIndex(cap), NaivePrefixIndex(cap)
+    q = _chain(query)
+    for r, toks in ops:
+        fast.record(r, _chain(toks))
+        slow.record(r, _chain(toks))
+        assert fast.match(q) == slow.match(q)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), prompts), max_size=20), prompts, prompts)
+def test_prefix_index_after_removals_still_agrees(ops, query, removed_prompt):
+    cap = {"a": 5, "b": 8, "c": 3}
+    fast, slow = PrefixIndex(cap), NaivePrefixIndex(cap)
+    for r, toks in ops:
+        fast.record(r, _chain(toks))
+        slow.record(r, _chain(toks))
+    removed = _chain(removed_prompt)[1:2]  # a block from the middle of a prompt: breaks the nesting
+    fast.remove("a", removed)
+    for h in removed:
+        slow.lru["a"].pop(h, None)
+    assert fast.match(_chain(query)) == slow.match(_chain(query))

@@ -85,47 +85,122 @@ class PrefixIndex:
     recently used blocks of a replica beyond ``capacity_blocks`` (the replica's KV size), the way
     the replica's own LRU would. This is GORGO-proxy's "mirror of what the proxy sent where"; KV
     events from the engine can correct it (``remove``).
+
+    A prompt's blocks are recorded last-to-first, so its first blocks are the most recent: when a
+    replica's cache fills, the tails of old prompts go first, as in vLLM, which frees a request's
+    blocks in reverse. Lookups use a hash -> holders bitmask: a miss on the first block costs one
+    dict lookup whatever the number of replicas, and a match of any length costs a bisection per
+    point where some replica drops out (a walk block by block once ``remove`` has broken the
+    nesting).
     """
 
     def __init__(self, capacity_blocks: Mapping[str, int]) -> None:
         self._capacity = dict(capacity_blocks)
-        # A plain dict keeps insertion order: re-inserting a key moves it to the most-recent end.
+        self._ids = list(capacity_blocks)
+        self._bit = {rid: 1 << i for i, rid in enumerate(self._ids)}
+        # Per replica, a plain dict used as an LRU: re-inserting a key moves it to the recent end.
         self._blocks: dict[str, dict[int, None]] = {rid: {} for rid in capacity_blocks}
+        self._holders: dict[int, int] = {}  # block hash -> bitmask of replicas holding it
+        self._nested = True  # no block was removed out of LRU order: holders shrink along a prompt
 
     def record(self, replica: str, block_hashes: Sequence[int]) -> None:
-        """Mark ``block_hashes`` as cached on ``replica``, most recently used."""
+        """Mark ``block_hashes`` as cached on ``replica``, the first block the most recently used."""
         lru = self._blocks[replica]
+        bit = self._bit[replica]
+        holders = self._holders
+        ordered = block_hashes[::-1]
         for h in lru.keys() & block_hashes:
             del lru[h]
-        lru.update(dict.fromkeys(block_hashes))
+        lru.update(dict.fromkeys(ordered))
+        get = holders.get
+        for h in ordered:
+            holders[h] = get(h, 0) | bit
         over = len(lru) - self._capacity[replica]
         if over > 0:
+            clear = ~bit
             for h in list(islice(lru, over)):
                 del lru[h]
+                m = holders[h] & clear
+                if m:
+                    holders[h] = m
+                else:
+                    del holders[h]
 
     def remove(self, replica: str, block_hashes: Sequence[int]) -> None:
+        """Forget ``block_hashes`` on ``replica`` (e.g. on a KV ``BlockRemoved`` event)."""
+        self._nested = False
         lru = self._blocks[replica]
+        clear = ~self._bit[replica]
+        holders = self._holders
         for h in block_hashes:
-            lru.pop(h, None)
+            if lru.pop(h, 0) is None:
+                m = holders[h] & clear
+                if m:
+                    holders[h] = m
+                else:
+                    del holders[h]
 
     def clear(self, replica: str) -> None:
-        self._blocks[replica].clear()
+        """Forget everything about ``replica`` (e.g. ``AllBlocksCleared``, or a restart)."""
+        self.remove(replica, list(self._blocks[replica]))
 
     def __len__(self) -> int:
         """Blocks recorded over all replicas."""
         return sum(len(b) for b in self._blocks.values())
 
     def match(self, block_hashes: Sequence[int]) -> Mapping[str, int]:
+        if not self._nested:
+            return self._walk(block_hashes)
+        # Records always cover a prompt from its first block and evict tails first, so a replica
+        # holding block i holds every block before it: the holder set shrinks along the prompt,
+        # and each point where it shrinks can be found by bisection.
         out: dict[str, int] = {}
-        for rid, lru in self._blocks.items():
-            n = 0
-            for h in block_hashes:
-                if h not in lru:
-                    break
-                n += 1
-            if n:
-                out[rid] = n
+        get = self._holders.get
+        n = len(block_hashes)
+        if n == 0:
+            return out
+        mask = get(block_hashes[0], 0)
+        lo = 0
+        while mask:
+            if get(block_hashes[n - 1], 0) & mask == mask:
+                self._emit(out, mask, n)
+                break
+            hi = n - 1  # invariant: all of mask holds block lo, not all hold block hi
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if get(block_hashes[mid], 0) & mask == mask:
+                    lo = mid
+                else:
+                    hi = mid
+            still = get(block_hashes[hi], 0) & mask
+            self._emit(out, mask & ~still, hi)
+            mask = still
+            lo = hi
         return out
+
+    def _walk(self, block_hashes: Sequence[int]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        holders = self._holders
+        mask = -1
+        n = 0
+        for h in block_hashes:
+            m = holders.get(h, 0) & mask
+            if m != mask and n:
+                self._emit(out, mask & ~m, n)
+            mask = m
+            if not mask:
+                return out
+            n += 1
+        if n and mask:
+            self._emit(out, mask, n)
+        return out
+
+    def _emit(self, out: dict[str, int], bits: int, n: int) -> None:
+        ids = self._ids
+        while bits:
+            low = bits & -bits
+            out[ids[low.bit_length() - 1]] = n
+            bits ^= low
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Routing policies: pure functions of (request, snapshot) -> Decision, registered by name."""
 
 from isthmus.core.policy import PolicyRegistry
+from isthmus.policies.affinity import HashRing, SessionAffinityPolicy, make_session_affinity
 from isthmus.policies.basic import (
     LeastLoadPolicy,
     RandomPolicy,
@@ -9,6 +10,10 @@ from isthmus.policies.basic import (
     make_random,
     make_round_robin,
 )
+from isthmus.policies.gorgo import GorgoPolicy, GorgoProxyPolicy, make_gorgo, make_gorgo_proxy
+from isthmus.policies.preble import PreblePolicy, make_preble
+from isthmus.policies.prefix import CacheAwarePolicy, PrefixTriePolicy, make_cache_aware, make_prefix_trie
+from isthmus.policies.weighted import WeightedPolicy, make_weighted
 
 
 def default_registry() -> PolicyRegistry:
@@ -17,7 +22,27 @@ def default_registry() -> PolicyRegistry:
     reg.register("random", make_random)
     reg.register("round_robin", make_round_robin)
     reg.register("least_load", make_least_load)
+    reg.register("prefix_trie", make_prefix_trie)
+    reg.register("cache_aware", make_cache_aware)
+    reg.register("weighted", make_weighted)
+    reg.register("session_affinity", make_session_affinity)
+    reg.register("preble", make_preble)
+    reg.register("gorgo_proxy", make_gorgo_proxy)
+    reg.register("gorgo", make_gorgo)
     return reg
 
 
-__all__ = ["LeastLoadPolicy", "RandomPolicy", "RoundRobinPolicy", "default_registry"]
+__all__ = [
+    "CacheAwarePolicy",
+    "GorgoPolicy",
+    "GorgoProxyPolicy",
+    "HashRing",
+    "LeastLoadPolicy",
+    "PreblePolicy",
+    "PrefixTriePolicy",
+    "RandomPolicy",
+    "RoundRobinPolicy",
+    "SessionAffinityPolicy",
+    "WeightedPolicy",
+    "default_registry",
+]

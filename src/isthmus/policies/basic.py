@@ -10,6 +10,7 @@ import numpy as np
 from isthmus.core.policy import HOLD, CostBreakdown, Decision, Outcome
 from isthmus.core.request import Request
 from isthmus.core.snapshot import ClusterSnapshot
+from isthmus.policies._support import available_views, least_load
 
 
 def _no_params(name: str, params: Mapping[str, Any]) -> None:
@@ -69,18 +70,11 @@ class LeastLoadPolicy:
     name = "least_load"
 
     def choose(self, request: Request, snapshot: ClusterSnapshot) -> Decision:
-        best = None
-        best_key: tuple[int, float] | None = None
-        for v in snapshot.instances.values():
-            if not v.available:
-                continue
-            key = (v.load, snapshot.rtt_s(request.origin, v.region))
-            if best_key is None or key < best_key:
-                best, best_key = v, key
-        if best is None or best_key is None:
+        best, rtt = least_load(available_views(snapshot), request.origin, snapshot.rtt_s)
+        if best is None:
             return HOLD
-        return Decision(best.id, estimate=CostBreakdown(network_s=best_key[1]),
-                        reason=f"least load ({best_key[0]} running+waiting)")
+        return Decision(best.id, estimate=CostBreakdown(network_s=rtt),
+                        reason=f"least load ({best.running + best.waiting} running+waiting)")
 
     def observe(self, outcome: Outcome) -> None:
         return None

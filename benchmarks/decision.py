@@ -1,0 +1,229 @@
+"""How long one routing decision takes: ``policy.choose`` latency for every registered policy.
+
+For 3, 32 and 256 replicas spread over three regions (US-West, Germany, Israel; GORGO's RTTs, with
+Germany-Israel assumed at 60 ms), each policy decides a stream of 8,192-token prompts (512 block
+hashes of 16 tokens) against snapshots whose prefix view is a real
+:class:`~isthmus.core.snapshot.PrefixIndex` (the router's LRU mirror) filled the way a serving
+cluster would be:
+
+- 16 system prompts of 1,024 tokens (64 blocks); conversation ``c`` starts with system prompt
+  ``c mod 16``;
+- 12 conversations per replica, each with an earlier 6,144-token turn (384 blocks) recorded on
+  its home replica, so every replica holds ~12 conversations and most system prompts;
+- the prompts decided: 50 % continue a known conversation (384 of 512 blocks cached on its home,
+  64 on the replicas holding its system prompt), 30 % open a new conversation on a known system
+  prompt (64 blocks cached on those replicas), 20 % share nothing.
+
+Replica views are random per request (running 0-8, waiting 0-20, ~8k prompt tokens each, KV use,
+in-flight 0-12, 3 % unhealthy, 3 % full, A100 / H100 prefill profiles), the deciding router sits in
+the request's origin region, peers' views are 0.5 s stale. Snapshots are built outside the timed
+region (as the router's collectors or the simulator do); the timer (``time.perf_counter_ns``)
+wraps exactly one ``choose`` call, which includes the policy's one ``prefix.match``.
+
+Two more figures separate the policy's own work from the prefix lookup: ``prefix.match`` alone, and
+each policy's ``own`` time, ``choose`` over the same snapshots whose prefix view answers from a
+table computed beforehand (same answers, one dict lookup).
+
+Reported per (policy, replicas): p50, p99 and mean microseconds over ``--iterations`` calls after a
+warm-up, with and without the prefix lookup. Target: p99 < 100 us at 32 replicas.
+
+Usage::
+
+    python benchmarks/decision.py [--sizes 3,32,256] [--iterations 2000] [--policies a,b] [--json out/decision.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from isthmus.core.request import Request
+from isthmus.core.snapshot import ClusterSnapshot, InstanceView, PrefixIndex
+from isthmus.core.topology import Topology
+from isthmus.policies import default_registry
+
+REGIONS = ("us-west", "germany", "israel")
+RTT_MS = {("us-west", "germany"): 281.0, ("us-west", "israel"): 183.0, ("germany", "israel"): 60.0}
+BLOCK = 16
+PROMPT_BLOCKS = 512  # 8,192 tokens
+SYS_BLOCKS = 64
+TURN_BLOCKS = 384
+N_SYSTEM_PROMPTS = 16
+CONVERSATIONS_PER_REPLICA = 12
+KV_BLOCKS_PER_REPLICA = 30_000  # ~480k tokens: an 8B model on an 80 GB GPU
+T_P = {"A100": 0.0938e-3, "H100": 0.04e-3}
+TARGET_P99_US_AT_32 = 100.0
+POOL = 512  # distinct (request, snapshot) pairs per size
+
+
+def _sys_blocks(k: int) -> list[int]:
+    return [(1 << 40) | (k << 16) | j for j in range(SYS_BLOCKS)]
+
+
+def _own_blocks(conv: int, n: int) -> list[int]:
+    return [(2 << 40) | (conv << 12) | j for j in range(n)]
+
+
+def build_cases(n_replicas: int, seed: int) -> list[tuple[Request, ClusterSnapshot]]:
+    """``POOL`` (request, snapshot) pairs for a cluster of ``n_replicas`` (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    topo = Topology.from_pairs(REGIONS, RTT_MS, intra_region_rtt_ms=2.0)
+    ids = [f"{REGIONS[i % 3]}-{i // 3}" for i in range(n_replicas)]
+    region = {rid: REGIONS[i % 3] for i, rid in enumerate(ids)}
+    gpu = {rid: ("A100", "H100")[i % 2] for i, rid in enumerate(ids)}
+    index = PrefixIndex({rid: KV_BLOCKS_PER_REPLICA for rid in ids})
+    n_conv = CONVERSATIONS_PER_REPLICA * n_replicas
+    home = [ids[int(rng.integers(n_replicas))] for _ in range(n_conv)]
+    for c in range(n_conv):
+        index.record(home[c], _sys_blocks(c % N_SYSTEM_PROMPTS) + _own_blocks(c, TURN_BLOCKS - SYS_BLOCKS))
+    cases: list[tuple[Request, ClusterSnapshot]] = []
+    for k in range(POOL):
+        kind = rng.random()
+        origin = REGIONS[int(rng.integers(3))]
+        if kind < 0.5:  # continue a conversation
+            c = int(rng.integers(n_conv))
+            blocks = _sys_blocks(c % N_SYSTEM_PROMPTS) + _own_blocks(c, PROMPT_BLOCKS - SYS_BLOCKS)
+            session: str | None = f"conv-{c}"
+        elif kind < 0.8:  # new conversation on a known system prompt
+            c = n_conv + k
+            blocks = _sys_blocks(int(rng.integers(N_SYSTEM_PROMPTS))) + _own_blocks(c, PROMPT_BLOCKS - SYS_BLOCKS)
+            session = f"conv-{c}"
+        else:  # nothing shared
+            blocks = _own_blocks(n_conv + k, PROMPT_BLOCKS)
+            session = None
+        req = Request(f"r{k}", 0.0, origin, PROMPT_BLOCKS * BLOCK, tuple(blocks), 256, session=session)
+        views: dict[str, InstanceView] = {}
+        for rid in ids:
+            running = int(rng.integers(0, 9))
+            waiting = int(rng.integers(0, 21))
+            views[rid] = InstanceView(
+                id=rid, region=region[rid], gpu=gpu[rid], running=running, waiting=waiting,
+                running_tokens=running * int(rng.integers(4000, 12000)),
+                queued_prefill_tokens=waiting * int(rng.integers(4000, 12000)),
+                kv_usage=float(rng.uniform(0.0, 0.98)), healthy=bool(rng.random() > 0.03),
+                full=bool(rng.random() < 0.03), age=0.0 if region[rid] == origin else 0.5,
+                in_flight=int(rng.integers(0, 13)), prefill_s_per_token=T_P[gpu[rid]],
+            )
+        cases.append((req, ClusterSnapshot(now=0.0, here=origin, instances=views, rtt_s=topo.rtt,
+                                           prefix=index, block_size=BLOCK)))
+    return cases
+
+
+class PrecomputedPrefixView:
+    """A prefix view that returns the answer a real view gave for the same block-hash tuple, from a table.
+
+    Keyed by the tuple's identity (hashing 512 ints per call would cost more than the policies);
+    the cases keep the tuples alive.
+    """
+
+    def __init__(self, answers: dict[int, Mapping[str, int]]) -> None:
+        self._answers = answers
+
+    def match(self, block_hashes: Sequence[int]) -> Mapping[str, int]:
+        return self._answers[id(block_hashes)]
+
+
+def without_lookup_cost(cases: list[tuple[Request, ClusterSnapshot]]) -> list[tuple[Request, ClusterSnapshot]]:
+    """The same cases, their prefix view replaced by a :class:`PrecomputedPrefixView`."""
+    answers = {id(r.block_hashes): dict(s.prefix.match(r.block_hashes)) for r, s in cases}
+    view = PrecomputedPrefixView(answers)
+    return [(r, dataclasses.replace(s, prefix=view)) for r, s in cases]
+
+
+def time_calls(fn: Callable[[Request, ClusterSnapshot], object], cases: list[tuple[Request, ClusterSnapshot]],
+               iterations: int, warmup: int) -> np.ndarray:
+    """Nanoseconds of each of ``iterations`` calls of ``fn`` (after ``warmup`` untimed ones).
+
+    Snapshot times advance 10 ms per call (stateful policies see a plausible clock); the snapshot
+    for each call is made before its timer starts.
+    """
+    out = np.empty(iterations, dtype=np.int64)
+    perf = time.perf_counter_ns
+    n = len(cases)
+    for i in range(warmup + iterations):
+        req, snap = cases[i % n]
+        snap = dataclasses.replace(snap, now=0.01 * i)
+        t0 = perf()
+        fn(req, snap)
+        t1 = perf()
+        if i >= warmup:
+            out[i - warmup] = t1 - t0
+    return out
+
+
+def figures(ns: np.ndarray) -> dict[str, float]:
+    us = ns / 1000.0
+    return {"p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99)),
+            "mean_us": float(us.mean())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="3,32,256", help="replica counts, comma-separated")
+    ap.add_argument("--iterations", type=int, default=2000, help="timed calls per (policy, size)")
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--policies", default="", help="comma-separated subset (default: every registered)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    reg = default_registry()
+    names = [p for p in args.policies.split(",") if p] or reg.names()
+    rows: list[dict[str, Any]] = []
+    print(f"choose() latency, microseconds: {PROMPT_BLOCKS * BLOCK}-token prompts ({PROMPT_BLOCKS} block hashes), "
+          f"{args.iterations} calls each; 'own' = same calls with the prefix lookup answered from a table")
+    p99_at_32: dict[str, float] = {}
+    for n in sizes:
+        cases = build_cases(n, args.seed)
+        cheap = without_lookup_cost(cases)
+        print(f"\n{n} replicas")
+        print(f"{'policy':<18}{'p50':>9}{'p99':>9}{'mean':>9}{'own p50':>10}{'own p99':>10}")
+        for name in ["prefix.match", *names]:
+            if name == "prefix.match":
+                def lookup(r: Request, s: ClusterSnapshot) -> object:
+                    return s.prefix.match(r.block_hashes)
+                fig = figures(time_calls(lookup, cases, args.iterations, args.warmup))
+                own = {"p50_us": float("nan"), "p99_us": float("nan"), "mean_us": float("nan")}
+            else:
+                gc.collect()
+                fig = figures(time_calls(reg.create(name, rng=np.random.default_rng(args.seed)).choose, cases,
+                                         args.iterations, args.warmup))
+                gc.collect()
+                own = figures(time_calls(reg.create(name, rng=np.random.default_rng(args.seed)).choose, cheap,
+                                         args.iterations, args.warmup))
+                if n == 32:
+                    p99_at_32[name] = fig["p99_us"]
+            rows.append({"policy": name, "replicas": n, "iterations": args.iterations, **fig,
+                         **{f"own_{k}": v for k, v in own.items()}})
+            print(f"{name:<18}{fig['p50_us']:>9.1f}{fig['p99_us']:>9.1f}{fig['mean_us']:>9.1f}"
+                  f"{own['p50_us']:>10.1f}{own['p99_us']:>10.1f}")
+    met = None
+    if p99_at_32:
+        worst = max(p99_at_32, key=lambda k: p99_at_32[k])
+        met = p99_at_32[worst] < TARGET_P99_US_AT_32
+        print(f"\nworst p99 at 32 replicas: {worst} {p99_at_32[worst]:.1f} us "
+              f"(target < {TARGET_P99_US_AT_32:.0f} us): {'met' if met else 'NOT met'}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "benchmark": "decision", "prompt_tokens": PROMPT_BLOCKS * BLOCK, "block_hashes": PROMPT_BLOCKS,
+            "sizes": sizes, "iterations": args.iterations, "seed": args.seed,
+            "target_p99_us_at_32": TARGET_P99_US_AT_32, "target_met": met, "results": rows,
+            "python": sys.version.split()[0], "machine": platform.machine(),
+        }, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,284 @@
+"""GORGO: network-, queue- and prefix-aware routing across regions, as a central proxy and distributed.
+
+Both variants price a replica ``s`` for a request of ``L_p`` prompt tokens whose first ``L_hit(s)``
+blocks of ``B`` tokens are cached on ``s`` (GORGO, MODELS.md §3)::
+
+    queue(s)   = t_p(s) * (q_hat * running_tokens(s) + queued_prefill_tokens(s))
+    prefill(s) = t_p(s) * max(L_p - L_hit(s) * B, 0)
+
+with ``t_p(s)`` the prefill seconds per token of ``s`` (its profile's
+``InstanceView.prefill_s_per_token``; the ``t_p_s`` parameter overrides it for every replica and
+``default_t_p_s`` stands in where the profile is unknown) and ``q_hat`` the weight of tokens already
+running (0.5 in the paper's first version, 1 later). All costs are seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from isthmus.core.policy import CostBreakdown, Decision, Outcome
+from isthmus.core.request import Request
+from isthmus.core.snapshot import ClusterSnapshot, InstanceView
+from isthmus.policies._support import check_non_negative, check_positive, parse_params, prefill_s_per_token
+
+# GORGO's fit for Mistral-7B on an A100 under SGLang: TTFT ~ 150.72 ms + 0.0938 ms x prompt tokens.
+_GORGO_T_P_S = 0.0938e-3
+
+
+def _check_t_p(policy: str, t_p_s: float | None, default_t_p_s: float, q_hat: float) -> None:
+    check_positive(policy, default_t_p_s=default_t_p_s)
+    check_non_negative(policy, q_hat=q_hat)
+    if t_p_s is not None:
+        check_positive(policy, t_p_s=t_p_s)
+
+
+# ------------------------------------------------------------------------------------------ gorgo_proxy
+@dataclass(frozen=True, slots=True)
+class GorgoProxyParams:
+    """Parameters of ``gorgo_proxy``.
+
+    Attributes:
+        q_hat: weight of running prompt tokens in the queue term (1.0; the paper's first version 0.5).
+        t_p_s: prefill seconds per token for every replica; ``None`` uses each replica's profile.
+        default_t_p_s: prefill seconds per token where the profile is unknown (GORGO's fit,
+            0.0938 ms/token for Mistral-7B on an A100).
+        max_in_flight: a replica with this many requests in flight (as the router counts them) takes
+            no more; the proxy queues instead (GORGO-proxy: 10).
+    """
+
+    q_hat: float = 1.0
+    t_p_s: float | None = None
+    default_t_p_s: float = _GORGO_T_P_S
+    max_in_flight: int = 10
+
+    def __post_init__(self) -> None:
+        _check_t_p("gorgo_proxy", self.t_p_s, self.default_t_p_s, self.q_hat)
+        if self.max_in_flight < 1:
+            raise ValueError(f"gorgo_proxy: max_in_flight must be >= 1, got {self.max_in_flight}")
+
+
+class GorgoProxyPolicy:
+    """GORGO-proxy: one central decision point, argmin of queue + prefill + network over the replicas.
+
+    For each available replica ``s`` (healthy, not full) with ``in_flight(s) < max_in_flight``::
+
+        cost(s) = queue(s) + prefill(s) + RTT(origin -> region(s))
+
+    (module docstring for ``queue`` and ``prefill``; RTT from ``snapshot.rtt_s``), choose the argmin;
+    exact ties go to snapshot order. If no replica is left, ``HOLD``: the proxy queues the request
+    and asks again. ``L_hit`` comes from ``snapshot.prefix`` (in the paper, a mirror of what the proxy
+    sent where). The estimate is the winning cost's terms: network = RTT, queue, prefill, total.
+    """
+
+    name = "gorgo_proxy"
+
+    def __init__(self, params: GorgoProxyParams) -> None:
+        self.params = params
+
+    def choose(self, request: Request, snapshot: ClusterSnapshot) -> Decision:
+        p = self.params
+        cap = p.max_in_flight
+        cands = [v for v in snapshot.instances.values() if v.healthy and not v.full and v.in_flight < cap]
+        if not cands:
+            return Decision(None, reason=f"every available replica has {cap} in flight: proxy queues")
+        matched = snapshot.prefix.match(request.block_hashes) if request.block_hashes else {}
+        bs = snapshot.block_size
+        lp = request.prompt_tokens
+        q_hat = p.q_hat
+        override = p.t_p_s
+        fallback = p.default_t_p_s
+        origin = request.origin
+        rtt_s = snapshot.rtt_s
+        rtts: dict[str, float] = {}
+        best = cands[0]
+        best_cost = math.inf
+        best_terms = (math.nan, math.nan, math.nan)
+        for v in cands:
+            t_p = override if override is not None else v.prefill_s_per_token
+            if t_p != t_p:  # nan: profile unknown
+                t_p = fallback
+            net = rtts.get(v.region)
+            if net is None:
+                net = rtts[v.region] = rtt_s(origin, v.region)
+            uncached = lp - matched.get(v.id, 0) * bs
+            queue = t_p * (q_hat * v.running_tokens + v.queued_prefill_tokens)
+            prefill = t_p * uncached if uncached > 0 else 0.0
+            cost = queue + prefill + net
+            if cost < best_cost:
+                best, best_cost, best_terms = v, cost, (net, queue, prefill)
+        net, queue, prefill = best_terms
+        return Decision(best.id, estimate=CostBreakdown(net, queue, prefill, best_cost),
+                        reason=f"least GORGO cost {best_cost * 1e3:.1f} ms")
+
+    def observe(self, outcome: Outcome) -> None:
+        return None
+
+
+def make_gorgo_proxy(params: Mapping[str, Any], rng: np.random.Generator) -> GorgoProxyPolicy:
+    return GorgoProxyPolicy(parse_params(GorgoProxyParams, "gorgo_proxy", params))
+
+
+# ------------------------------------------------------------------------------------------ gorgo
+@dataclass(frozen=True, slots=True)
+class GorgoParams:
+    """Parameters of ``gorgo`` (distributed; defaults from the GORGO paper).
+
+    Attributes:
+        q_hat, t_p_s, default_t_p_s: as for ``gorgo_proxy``.
+        local_running_cap: a local replica has room while it runs fewer requests than this (5).
+        local_kv_cap: ... and while its KV use is below this share (0.95).
+        recheck_s: how often the shell asks again about a held request, seconds (20 ms). The policy
+            does not use it: the simulator and the router read ``policy.recheck_s``.
+        sync_period_s: how often the shell refreshes its view of the peers' replicas, seconds (about
+            once a second in the paper). Read by the shell as ``policy.sync_period_s``.
+    """
+
+    q_hat: float = 1.0
+    t_p_s: float | None = None
+    default_t_p_s: float = _GORGO_T_P_S
+    local_running_cap: int = 5
+    local_kv_cap: float = 0.95
+    recheck_s: float = 0.02
+    sync_period_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_t_p("gorgo", self.t_p_s, self.default_t_p_s, self.q_hat)
+        if self.local_running_cap < 1:
+            raise ValueError(f"gorgo: local_running_cap must be >= 1, got {self.local_running_cap}")
+        if not 0.0 < self.local_kv_cap <= 1.0:
+            raise ValueError(f"gorgo: local_kv_cap must be in (0, 1], got {self.local_kv_cap}")
+        check_positive("gorgo", recheck_s=self.recheck_s, sync_period_s=self.sync_period_s)
+
+
+class GorgoPolicy:
+    """Distributed GORGO: one balancer per region, serving locally first, forwarding at most once.
+
+    The deciding router sits in ``snapshot.here``; local replicas are those with ``region == here``
+    (fresh views), the others belong to peer regions (views as stale as the last sync, ``age > 0``).
+    A replica *has room* when it is available (healthy, not full), runs fewer than
+    ``local_running_cap`` requests and uses less than ``local_kv_cap`` of its KV blocks. Rule:
+
+    1. some local replica has room: serve on the one with the least ``queue + prefill`` (ties:
+       snapshot order);
+    2. the request was already forwarded (``snapshot.hops >= 1``): never forward again; ``HOLD``;
+    3. otherwise compare ``C_local = min over available local s of queue(s) + prefill(s)``
+       (``inf`` when none is available) with, for each peer region ``r`` holding a replica with
+       room, ``C_r = min over those s of RTT(here, r) + prefill(s)``; ``L_hit`` of a peer's replica
+       is what ``snapshot.prefix`` reports, which in the paper covers only what this balancer
+       forwarded there. Forward to the cheapest peer region (ties: first in snapshot order) if
+       ``C_r < C_local``;
+    4. else ``HOLD``: the request queues at this balancer and the shell asks again every
+       ``recheck_s`` seconds.
+
+    Peers count only when a replica there has room (by the stale view): ``C_r`` has no queue term,
+    which prices the peer as if it would start the request at once, and a forwarded request cannot
+    move on. This is a reading of the paper's "available peer"; its state polling gives the
+    needed load.
+
+    Starvation: a held request ends its wait when a local replica has room again (its running
+    requests finish, and the balancer stops feeding it while it holds) or, if it was not forwarded,
+    when a peer becomes cheaper. Under sustained overload of every region, requests wait at their
+    balancers for room, as in the paper. No request waits forever as long as the local replicas
+    make progress and the shell re-asks held requests oldest first: each time a replica's running
+    count drops below the cap, the oldest held request takes the slot. A region with no replica of
+    its own would hold a forwarded request forever; the policy forwards only to regions in which it
+    sees a replica with room.
+
+    Estimates, seconds: serving locally, network = RTT(here -> replica region), queue, prefill and
+    their sum; forwarding, network = RTT(here -> peer region), queue 0, prefill on the peer's best
+    replica and total ``C_r``.
+    """
+
+    name = "gorgo"
+
+    def __init__(self, params: GorgoParams) -> None:
+        self.params = params
+
+    @property
+    def recheck_s(self) -> float:
+        """Seconds between two asks about a held request (the shell's retry period)."""
+        return self.params.recheck_s
+
+    @property
+    def sync_period_s(self) -> float:
+        """Seconds between two refreshes of the peers' state in the shell."""
+        return self.params.sync_period_s
+
+    def choose(self, request: Request, snapshot: ClusterSnapshot) -> Decision:
+        p = self.params
+        here = snapshot.here
+        run_cap = p.local_running_cap
+        kv_cap = p.local_kv_cap
+        matched = snapshot.prefix.match(request.block_hashes) if request.block_hashes else {}
+        bs = snapshot.block_size
+        lp = request.prompt_tokens
+        q_hat = p.q_hat
+        override = p.t_p_s
+        fallback = p.default_t_p_s
+        # pass over local replicas: best with room, best available
+        room_best: InstanceView | None = None
+        room_cost = math.inf
+        room_terms = (0.0, 0.0)
+        local_cost = math.inf
+        any_peer = False
+        for v in snapshot.instances.values():
+            if v.region != here:
+                any_peer = True
+                continue
+            if not v.healthy or v.full:
+                continue
+            t_p = override if override is not None else v.prefill_s_per_token
+            if t_p != t_p:  # nan: profile unknown
+                t_p = fallback
+            uncached = lp - matched.get(v.id, 0) * bs
+            queue = t_p * (q_hat * v.running_tokens + v.queued_prefill_tokens)
+            prefill = t_p * uncached if uncached > 0 else 0.0
+            cost = queue + prefill
+            if cost < local_cost:
+                local_cost = cost
+            if v.running < run_cap and v.kv_usage < kv_cap and cost < room_cost:
+                room_best, room_cost, room_terms = v, cost, (queue, prefill)
+        if room_best is not None:
+            net = snapshot.rtt_s(here, room_best.region)
+            queue, prefill = room_terms
+            return Decision(room_best.id, estimate=CostBreakdown(net, queue, prefill, net + queue + prefill),
+                            reason="local replica has room")
+        if snapshot.hops >= 1:
+            return Decision(None, reason="forwarded here: waiting for local room")
+        if not any_peer:
+            return Decision(None, reason="no local room, no peer: queued locally")
+        # peers: cheapest region by RTT(here, r) + prefill on its best replica with room
+        peer_best: str | None = None
+        peer_cost = math.inf
+        peer_terms = (0.0, 0.0)
+        rtts: dict[str, float] = {}
+        for v in snapshot.instances.values():
+            region = v.region
+            if region == here or not v.healthy or v.full or v.running >= run_cap or v.kv_usage >= kv_cap:
+                continue
+            hop = rtts.get(region)
+            if hop is None:
+                hop = rtts[region] = snapshot.rtt_s(here, region)
+            uncached = lp - matched.get(v.id, 0) * bs
+            prefill = prefill_s_per_token(v, override, fallback) * uncached if uncached > 0 else 0.0
+            cost = hop + prefill
+            if cost < peer_cost:
+                peer_best, peer_cost, peer_terms = region, cost, (hop, prefill)
+        if peer_best is not None and peer_cost < local_cost:
+            net, prefill = peer_terms
+            local = "none available" if local_cost == math.inf else f"{local_cost * 1e3:.1f} ms"
+            return Decision(peer_best, forward=True, estimate=CostBreakdown(net, 0.0, prefill, peer_cost),
+                            reason=f"forward: peer {peer_cost * 1e3:.1f} ms < local {local}")
+        return Decision(None, reason="no local room, no cheaper peer: queued locally")
+
+    def observe(self, outcome: Outcome) -> None:
+        return None
+
+
+def make_gorgo(params: Mapping[str, Any], rng: np.random.Generator) -> GorgoPolicy:
+    return GorgoPolicy(parse_params(GorgoParams, "gorgo", params))
