@@ -2,15 +2,16 @@
 
 Exit codes: 0 success; 2 a usage error, an invalid scenario, an unknown policy or any other
 :class:`~isthmus.core.errors.IsthmusError` (one line on stderr, no traceback); 1 an output file
-that cannot be written; otherwise what the subcommand returns.
+that cannot be written; 3 a sweep in which some cells failed (the others' results are still
+written); otherwise what the subcommand returns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -19,10 +20,13 @@ from isthmus.core.errors import IsthmusError
 
 EXIT_ERROR = 2
 EXIT_IO = 1
+EXIT_CELLS_FAILED = 3
+
+T = TypeVar("T")
 
 
 def build_app() -> typer.Typer:
-    """The command tree: ``simulate`` and ``validate``."""
+    """The command tree: ``simulate``, ``sweep`` and ``validate``."""
     app = typer.Typer(
         help="Route LLM inference across regions: simulate routing policies on real traces, validate the engine model.",
         no_args_is_help=True,
@@ -30,6 +34,7 @@ def build_app() -> typer.Typer:
         pretty_exceptions_enable=False,
     )
     app.command()(simulate)
+    app.command()(sweep)
     app.command()(validate)
     return app
 
@@ -107,7 +112,7 @@ def simulate(
                       f"({eps:,.0f} events/s)", highlight=False)
             out.print(policy_table(rec))
         if len(records) > 1:
-            out.print(comparison_table(records))
+            out.print(comparison_table(records, width=out.width))
         if json_out is not None:
             write_report(json_out, build_report(sc.name, run_seed, records, times if timing else None))
             err.print(f"wrote {json_out}", highlight=False)
@@ -116,6 +121,96 @@ def simulate(
 
             plot_ttft_cdf(ttfts, plot, title=f"{sc.name}: TTFT CDF (seed {run_seed})")
             err.print(f"wrote {plot}", highlight=False)
+
+
+def _csv(text: str | None, convert: Callable[[str], T], option: str) -> list[T] | None:
+    """``"a,b,c"`` -> converted values; ``None`` stays ``None``; a bad item is a usage error."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise typer.BadParameter("no value given", param_hint=option)
+    try:
+        return [convert(t) for t in items]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated {getattr(convert, '__name__', 'value')}s, got {text!r}",
+                                 param_hint=option) from None
+
+
+def sweep(
+    scenario: Annotated[Path, typer.Argument(help="Scenario file (YAML).", show_default=False)],
+    policy: Annotated[str | None, typer.Option(
+        help="Comma-separated policies (default: the scenario's list).")] = None,
+    rates: Annotated[str | None, typer.Option(
+        metavar="R1,R2,...", help="Mean request rates, req/s; each replaces the workload's rate_rps "
+                                  "(default: the scenario's own rate).")] = None,
+    rtt_scale: Annotated[str | None, typer.Option(
+        "--rtt-scale", metavar="S1,S2,...", help="Factors on every RTT (default: 1).")] = None,
+    seeds: Annotated[str | None, typer.Option(
+        metavar="N1,N2,...", help="Seeds (default: the scenario's).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="Local worker processes (default: one per CPU; 1 runs in this process).")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        metavar="ADDR", help="Run the cells on this Ray cluster ('auto', 'ray://host:10001', 'local'); "
+                             "needs the ray extra.")] = None,
+    baseline: Annotated[str, typer.Option(
+        help="Policy the winner plot compares the network-aware ones with.")] = "least_load",
+    json_out: Annotated[Path | None, typer.Option("--json", metavar="FILE", help="Write every cell as JSON.")] = None,
+    plot: Annotated[Path | None, typer.Option(
+        metavar="FILE.png", help="Write TTFT against load (FILE.png) and the winner map (FILE_winners.png).")] = None,
+) -> None:
+    """Run a scenario over a grid of policies x rates x RTT scales x seeds.
+
+    Each cell is one deterministic simulation; cells run in parallel (processes, or Ray) and are
+    reported in grid order, so the JSON is the same whatever the number of workers. A failing cell
+    is recorded with its error and the sweep goes on; the exit code is then 3.
+    """
+    from isthmus.sim.report import progress_bar, sweep_table, write_report
+    from isthmus.sim.scenario import load_scenario
+    from isthmus.sim.sweep import SweepGrid, aggregate, network_aware_labels, run_sweep
+
+    out, err = Console(), Console(stderr=True)
+    with _clean_errors():
+        sc = load_scenario(scenario)
+        labels = [p.key for p in sc.config.policies] if policy is None else _csv(policy, str, "--policy")
+        assert labels is not None
+        rate_list = _csv(rates, float, "--rates")
+        scale_list = _csv(rtt_scale, float, "--rtt-scale") or [1.0]
+        seed_list = _csv(seeds, int, "--seeds") or [sc.config.seed]
+        grid = SweepGrid(policies=tuple(labels), rates_rps=tuple(rate_list) if rate_list else (None,),
+                         rtt_scales=tuple(scale_list), seeds=tuple(seed_list))
+        if plot is not None:
+            from isthmus.sim.plot import require_matplotlib
+
+            require_matplotlib()
+        total = len(grid.cells())
+        done = 0
+        with progress_bar(err, f"{sc.name}: {total} cells", total) as update:
+
+            def on_done(rec: dict[str, Any]) -> None:
+                nonlocal done
+                done += 1
+                update(done)
+                if "error" in rec:
+                    err.print(f"cell failed: policy={rec['policy']} rate={rec['rate_rps']:g} "
+                              f"rtt_scale={rec['rtt_scale']:g} seed={rec['seed']}: {rec['error']}",
+                              highlight=False, markup=False, soft_wrap=True)
+
+            result = run_sweep(sc, grid, workers=workers, ray_address=ray_address, on_done=on_done)
+        out.print(sweep_table(result.records))
+        if json_out is not None:
+            write_report(json_out, result.document())
+            err.print(f"wrote {json_out}", highlight=False)
+        if plot is not None:
+            from isthmus.sim.plot import plot_sweep
+
+            aware = network_aware_labels(sc, grid.policies)
+            paths = plot_sweep(aggregate(result.records), plot, baseline=baseline, aware=aware,
+                               title=f"{sc.name}: {len(grid.seeds)} seed(s)")
+            err.print(f"wrote {paths[0]} and {paths[1]}", highlight=False)
+        if result.failed:
+            err.print(f"{result.failed} of {total} cells failed", highlight=False)
+            raise typer.Exit(EXIT_CELLS_FAILED)
 
 
 def validate(

@@ -11,7 +11,15 @@ import orjson
 import pytest
 from rich.console import Console
 
-from isthmus.sim.plot import ecdf, format_seconds, render_ttft_cdf
+from isthmus.sim.plot import (
+    ecdf,
+    format_seconds,
+    plot_sweep,
+    render_sweep_ttft,
+    render_sweep_winners,
+    render_ttft_cdf,
+    short_seconds,
+)
 from isthmus.sim.report import (
     LATENCY_KEYS,
     SCALAR_KEYS,
@@ -21,9 +29,11 @@ from isthmus.sim.report import (
     dumps_report,
     policy_table,
     result_record,
+    sweep_table,
     write_atomic,
     write_report,
 )
+from isthmus.sim.sweep import CellStats
 
 
 def summary(**changes: Any) -> dict[str, Any]:
@@ -107,3 +117,61 @@ def test_cdf_png_is_deterministic() -> None:
     png = render_ttft_cdf(series, "t")
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     assert png == render_ttft_cdf(series, "t")
+
+
+def test_comparison_shows_bound_regret_and_forwards_when_reported_and_splits_to_fit() -> None:
+    plain = result_record("least_load", summary())
+    rich_rec = result_record("gorgo", summary(bound_ttft_s={"mean": 0.25, "p50": 0.2, "p90": 0.3, "p99": 0.5},
+                                              regret={"mean": 2.0, "p99": 3.0}, forward_share=0.125))
+    console = Console(record=True, width=200)
+    console.print(comparison_table([plain, rich_rec]))
+    text = console.export_text()
+    for needle in ("TTFT bound mean (ms)", "250.0", "regret mean (×)", "2.00", "3.00", "forwarded share", "12.5 %"):
+        assert needle in text, needle
+    console = Console(record=True, width=200)
+    console.print(comparison_table([plain]))
+    assert "regret" not in console.export_text()  # a simulator that does not report it shows no row
+
+    many = [result_record(f"policy_number_{k}", summary()) for k in range(6)]
+    console = Console(record=True, width=80)
+    console.print(comparison_table(many, width=80))
+    text = console.export_text()
+    assert "policies compared (1/2)" in text and "policies compared (2/2)" in text
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80
+    assert text.count("1,500.0") == 6  # every policy's TTFT p99, once: no column dropped or cut
+
+
+def test_sweep_table_averages_seeds_and_counts_failures() -> None:
+    def cell(policy: str, seed: int, p50: float, **extra: Any) -> dict[str, Any]:
+        rec = result_record(policy, summary(ttft_s={"mean": p50, "p50": p50, "p90": p50, "p99": 2 * p50}))
+        rec.update(rate_rps=2.0, rtt_scale=1.0, seed=seed, **extra)
+        return rec
+
+    cells = [cell("least_load", 0, 1.0), cell("least_load", 1, 3.0),
+             {"policy": "gorgo", "rate_rps": 2.0, "rtt_scale": 1.0, "seed": 0, "error": "RuntimeError: x"}]
+    console = Console(record=True, width=80)
+    console.print(sweep_table(cells))
+    lines = console.export_text().splitlines()
+    row = next(line for line in lines if line.strip().startswith("least_load")).split()
+    assert row[1:7] == ["2", "1", "2", "2", "2", "4"]  # rate, rtt scale, seeds, mean, p50, p99 (s)
+    failed = next(line for line in lines if line.strip().startswith("gorgo")).split()
+    assert failed[3] == "0" and failed[-1] == "1" and "—" in failed
+
+
+def test_sweep_plots_are_deterministic_pngs(tmp_path: Path) -> None:
+    stats = [
+        CellStats(policy=p, rate_rps=r, rtt_scale=s, seeds=1, failed=0, ttft_mean_s=m * r * s,
+                  ttft_p50_s=0.8 * m * r * s, ttft_p90_s=m * r * s, ttft_p99_s=3 * m * r * s,
+                  regret_mean=2.0, cross_region_share=0.5)
+        for p, m in (("least_load", 1.0), ("gorgo_proxy", 0.7), ("prefix_trie", 1.3))
+        for r in (1.0, 2.0) for s in (0.5, 1.0)
+    ]
+    gap = CellStats("gorgo_proxy", 3.0, 1.0, 0, 1, *(math.nan,) * 6)  # a point whose seeds all failed
+    winners = render_sweep_winners([*stats, gap], "least_load", ["gorgo_proxy"], "t")
+    assert winners.startswith(b"\x89PNG")
+    assert winners == render_sweep_winners([*stats, gap], "least_load", ["gorgo_proxy"], "t")
+    assert render_sweep_winners(stats, baseline="missing").startswith(b"\x89PNG")  # no ratio column
+    a, b = plot_sweep([*stats, gap], tmp_path / "s.png", aware=["gorgo_proxy"])
+    assert a.read_bytes() == render_sweep_ttft([*stats, gap]) and b == tmp_path / "s_winners.png"
+    assert b.read_bytes().startswith(b"\x89PNG")
+    assert [short_seconds(x) for x in (0.4021, 1.254, 18.34)] == ["402 ms", "1.25 s", "18.3 s"]

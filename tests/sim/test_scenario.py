@@ -6,9 +6,11 @@ import itertools
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from isthmus.core import ConfigError, RegistryError
+from isthmus.policies import LeastLoadPolicy, default_registry
 from isthmus.sim.scenario import Scenario, load_scenario
 
 REPO = Path(__file__).resolve().parents[2]
@@ -169,8 +171,95 @@ def test_workload_errors(tmp_path: Path) -> None:
     assert "workload: rate_rps: required" in error_of(tmp_path, GOOD.replace("  rate_rps: 5\n", ""))
 
 
-def test_regional_router_is_rejected_for_now(tmp_path: Path) -> None:
-    assert "router.mode: only 'proxy'" in error_of(tmp_path, GOOD.replace("{region: germany}", "{mode: regional}"))
+def test_regional_mode_builds_one_seeded_policy_per_region(tmp_path: Path) -> None:
+    text = GOOD.replace("router: {region: germany}", "router: {mode: regional, sync_period_s: 0.5, recheck_s: 0.05}")
+    sc = load_scenario(write(tmp_path, text))
+    assert sc.config.router_for("random").mode == "regional"
+    inp = sc.build("random")
+    assert inp.router_region is None and inp.router.mode == "regional"
+    by_region = inp.policies_by_region
+    assert by_region is not None and list(by_region) == ["us-west", "germany", "israel"]
+    assert len({id(p) for p in by_region.values()}) == 3 and inp.policy is by_region["us-west"]
+
+    class Probe(LeastLoadPolicy):
+        def __init__(self, rng: np.random.Generator) -> None:
+            self.first_draw = float(rng.random())
+
+    registry = default_registry()
+    registry.register("probe", lambda params, rng: Probe(rng))
+
+    def draws(seed: int) -> list[float]:  # the first number of each region's generator
+        policies = sc.build("probe", seed=seed, registry=registry).policies_by_region
+        assert policies is not None
+        return [p.first_draw for p in policies.values()]  # type: ignore[attr-defined]
+
+    assert len(set(draws(3))) == 3  # independent streams
+    assert draws(3) == draws(3) and draws(4) != draws(3)  # the same for the same seed only
+    sim = sc.simulation("random")
+    assert (sim.mode, sim.router_region, sim.sync_period_s, sim.recheck_s, sim.prefix_source) == (
+        "regional", None, 0.5, 0.05, "mirror")
+    result = sim.run()
+    assert result.requests == result.completed == 20
+
+
+def test_policy_router_override_merges_with_the_scenarios(tmp_path: Path) -> None:
+    text = GOOD.replace("router: {region: germany}", "router: {region: germany, recheck_s: 0.05}").replace(
+        "  - {name: least_load, label: ll}\n",
+        "  - {name: least_load, label: ll}\n"
+        "  - {name: least_load, label: ll_regional, router: {mode: regional, sync_period_s: 2}}\n"
+        "  - {name: least_load, label: ll_exact, router: {prefix_source: exact}}\n")
+    sc = load_scenario(write(tmp_path, text))
+    plain, regional, exact = (sc.config.router_for(k) for k in ("ll", "ll_regional", "ll_exact"))
+    assert (plain.mode, plain.region, plain.recheck_s, plain.prefix_source) == ("proxy", "germany", 0.05, "mirror")
+    # switching to regional drops the proxy's region and keeps the timings given above
+    assert (regional.mode, regional.region, regional.sync_period_s, regional.recheck_s) == (
+        "regional", None, 2.0, 0.05)
+    assert (exact.mode, exact.region, exact.prefix_source) == ("proxy", "germany", "exact")
+    assert sc.build("ll_regional").policies_by_region is not None and sc.build("ll").policies_by_region is None
+    assert sc.simulation("ll_exact").prefix_source == "exact"
+    assert sc.config.router_for("round_robin") == sc.config.router  # not listed: the scenario's block
+
+
+def test_router_fields_that_do_not_apply_to_the_mode(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, GOOD.replace("{region: germany}", "{mode: regional, region: germany}"))
+    assert "s.yaml:17: router.region: applies to mode: proxy only" in msg
+    assert "router.sync_period_s: applies to mode: regional only" in error_of(
+        tmp_path, GOOD.replace("{region: germany}", "{region: germany, sync_period_s: 1}"))
+    assert "router.recheck_s: Input should be greater than 0" in error_of(
+        tmp_path, GOOD.replace("{region: germany}", "{recheck_s: 0}"))
+    assert "router.prefix_source: Input should be 'mirror' or 'exact'" in error_of(
+        tmp_path, GOOD.replace("{region: germany}", "{prefix_source: guess}"))
+    override = GOOD.replace("label: ll}", "label: ll, router: {mode: regional, region: israel}}")
+    assert "policies.1.router.region: applies to mode: proxy only" in error_of(tmp_path, override)
+    override = GOOD.replace("label: ll}", "label: ll, router: {region: mars}}")
+    assert "s.yaml:20: policies.1.router.region: unknown region 'mars'" in error_of(tmp_path, override)
+    override = GOOD.replace("label: ll}", "label: ll, router: {colour: red}}")
+    assert "policies.1.router.colour: unknown field" in error_of(tmp_path, override)
+
+
+def test_policy_timings_apply_unless_the_file_gives_them(tmp_path: Path) -> None:
+    text = GOOD.replace("router: {region: germany}", "router: {mode: regional}").replace(
+        "  - {name: least_load, label: ll}\n",
+        "  - {name: gorgo, params: {recheck_s: 0.04, sync_period_s: 3}}\n"
+        "  - {name: gorgo, label: g2, params: {recheck_s: 0.04}, router: {recheck_s: 0.1}}\n")
+    sc = load_scenario(write(tmp_path, text))
+    own = sc.simulation("gorgo")
+    assert (own.recheck_s, own.sync_period_s) == (0.04, 3.0)  # the policy's own
+    given = sc.simulation("g2")
+    assert (given.recheck_s, given.sync_period_s) == (0.1, 1.0)  # the file's, then the policy default
+    assert sc.router_setup("gorgo").recheck_s == 0.04
+    assert sc.simulation("random").recheck_s == sc.config.router.recheck_s  # a policy without timings
+
+
+def test_rtt_scale(tmp_path: Path) -> None:
+    sc = load_scenario(write(tmp_path, GOOD))
+    topo = sc.with_rtt_scale(0.5).config.topology.build()
+    assert topo.rtt("us-west", "germany") == pytest.approx(0.1405)
+    assert topo.rtt("germany", "germany") == pytest.approx(0.0025) and topo.rtt("israel", "israel") == pytest.approx(0.001)
+    assert sc.config.topology.build().rtt("us-west", "germany") == pytest.approx(0.281)
+    assert sc.with_rtt_scale(0.0).config.topology.build().rtt_s.max() == 0.0
+    with pytest.raises(ConfigError, match="RTT scale"):
+        sc.with_rtt_scale(-1.0)
 
 
 def test_model_that_does_not_fit(tmp_path: Path) -> None:

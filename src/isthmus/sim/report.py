@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import orjson
+from rich import box
 from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -153,15 +154,88 @@ _COMPARED: tuple[tuple[str, Callable[[Mapping[str, Any]], str]], ...] = (
     ("cross-region share", lambda r: _pct(r["cross_region_share"])),
 )
 
+_COMPARED_IF_PRESENT: tuple[tuple[str, str, Callable[[Mapping[str, Any]], str]], ...] = (
+    ("TTFT bound mean (ms)", "bound_ttft_s", lambda r: _ms(r["bound_ttft_s"].get("mean"))),
+    ("regret mean (×)", "regret", lambda r: _times(r["regret"].get("mean"))),
+    ("regret p99 (×)", "regret", lambda r: _times(r["regret"].get("p99"))),
+    ("forwarded share", "forward_share", lambda r: _pct(r["forward_share"])),
+)
+"""Rows shown when the runs report the figure (``key``), i.e. by simulators that compute it."""
 
-def comparison_table(records: Sequence[Mapping[str, Any]]) -> Table:
-    """Policies side by side: one column per policy, one row per headline figure."""
-    t = Table(title="[bold]policies compared[/bold]", title_justify="left")
-    t.add_column("", no_wrap=True)
+
+def _sec(value: Any) -> str:
+    return "—" if value is None else f"{float(value):.3g}"
+
+
+def _times(value: Any) -> str:
+    return "—" if value is None else f"{float(value):.2f}"
+
+
+def comparison_table(records: Sequence[Mapping[str, Any]], width: int | None = None) -> Group:
+    """Policies side by side: one column per policy, one row per headline figure (plus the TTFT
+    lower bound, the regret and the forwarded share when the runs report them).
+
+    Figures are never cut: long policy names wrap in the header, and when the policies do not fit
+    in ``width`` characters (default: no limit) they are split over several tables, each repeating
+    the row labels.
+    """
+    rows: list[tuple[str, list[str]]] = [(label, [cell(r) for r in records]) for label, cell in _COMPARED]
+    for label, key, cell in _COMPARED_IF_PRESENT:
+        if any(isinstance(r.get(key), Mapping | int | float) for r in records):
+            rows.append((label, [cell(r) if r.get(key) is not None else "—" for r in records]))
+    label_width = max(len(label) for label, _ in rows)
+    widths = [max(max(len(cells[k]) for _, cells in rows), min(len(str(r["policy"])), 12))
+              for k, r in enumerate(records)]
+    chunks: list[list[int]] = [[]]
+    used = label_width
+    for k, w in enumerate(widths):
+        if chunks[-1] and width is not None and used + 2 + w > width:
+            chunks.append([])
+            used = label_width
+        chunks[-1].append(k)
+        used += 2 + w
+    tables: list[Table] = []
+    for n, chunk in enumerate(chunks):
+        title = "[bold]policies compared[/bold]" + (f" ({n + 1}/{len(chunks)})" if len(chunks) > 1 else "")
+        t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        t.add_column("", no_wrap=True, min_width=label_width)
+        for k in chunk:
+            t.add_column(str(records[k]["policy"]), justify="right", overflow="fold", min_width=widths[k])
+        for label, cells in rows:
+            t.add_row(label, *(cells[k] for k in chunk))
+        tables.append(t)
+    return Group(*tables)
+
+
+def sweep_table(records: Sequence[Mapping[str, Any]]) -> Table:
+    """A sweep's points, one row per (policy, rate, RTT scale) in the order of ``records``: TTFT
+    mean, p50 and p99 in seconds (3 significant digits), the regret (TTFT mean / its lower bound)
+    and the cross-region share, each averaged over the seeds that succeeded; how many seeds
+    succeeded and how many failed."""
+    groups: dict[tuple[Any, Any, Any], list[Mapping[str, Any]]] = {}
     for r in records:
-        t.add_column(str(r["policy"]), justify="right", no_wrap=True)
-    for label, cell in _COMPARED:
-        t.add_row(label, *(cell(r) for r in records))
+        groups.setdefault((r["policy"], r["rate_rps"], r["rtt_scale"]), []).append(r)
+    t = Table(title="[bold]sweep[/bold]: TTFT in seconds, averaged over seeds", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for name in ("policy", "req/s", "rtt×", "seeds", "mean", "p50", "p99", "regret", "x-reg", "fail"):
+        if name == "policy":
+            width = min(14, max([len(str(p)) for p, _, _ in groups] + [len(name)]))
+            t.add_column(name, overflow="fold", min_width=width)
+        else:
+            t.add_column(name, justify="right", no_wrap=True, min_width=len(name))
+    for (policy, rate, scale), recs in groups.items():
+        ok = [r for r in recs if "error" not in r]
+
+        def avg(key: str, stat: str | None, ok: list[Mapping[str, Any]] = ok) -> float | None:
+            vals = [r.get(key) if stat is None else (r.get(key) or {}).get(stat) for r in ok]
+            finite = [float(v) for v in vals if isinstance(v, int | float) and math.isfinite(float(v))]
+            return sum(finite) / len(finite) if finite else None
+
+        failed = len(recs) - len(ok)
+        t.add_row(str(policy), f"{float(rate):g}", f"{float(scale):g}", str(len(ok)),
+                  _sec(avg("ttft_s", "mean")), _sec(avg("ttft_s", "p50")), _sec(avg("ttft_s", "p99")),
+                  _sec(avg("regret", "mean")), _pct(avg("cross_region_share", None)),
+                  f"[red]{failed}[/red]" if failed else "0")
     return t
 
 

@@ -16,6 +16,8 @@ Units: RTTs are milliseconds in the file and seconds in the built :class:`~isthm
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +33,13 @@ from isthmus.core.perf import builtin_perf_model, gpu_spec, model_spec
 from isthmus.core.policy import Policy, PolicyRegistry
 from isthmus.core.request import Request
 from isthmus.core.topology import Topology
-from isthmus.workloads import WorkloadSpec, build_requests
+from isthmus.sim.simulator import Simulation
+from isthmus.workloads import WorkloadSpec, build_requests, offered_rate
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from isthmus.sim.metrics import SimResult
-    from isthmus.sim.simulator import Simulation
 
 Loc = tuple[str | int, ...]
 
@@ -223,16 +225,112 @@ class ReplicaGroup(_Frozen):
 
 
 # ----------------------------------------------------------------------------------------- router, policies
-class RouterConfig(_Frozen):
-    """Where routing decisions are made.
+RouterMode = Literal["proxy", "regional"]
+PrefixSource = Literal["mirror", "exact"]
 
-    ``mode: proxy`` is one central router that sees every replica, placed in ``region`` (default:
-    the first region of the topology); clients pay the RTT to it. ``regional`` (one router per
-    region with stale views of its peers) is part of the schema but not simulated yet.
+# The router's timing defaults are the simulator's, so each default lives in one place.
+_SIM_DEFAULTS: dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(Simulation.__init__).parameters.items()
+    if p.default is not inspect.Parameter.empty
+}
+_PROXY_ONLY = frozenset({"region"})
+_REGIONAL_ONLY = frozenset({"sync_period_s"})
+
+
+class RouterConfig(_Frozen):
+    """Where routing decisions are made and what the routers know.
+
+    ``mode: proxy`` is one central router that sees every replica as of now, placed in ``region``
+    (default: the first region of the topology); clients pay the RTT to it (GORGO-proxy's set-up).
+    ``mode: regional`` is one router per region, each with its own policy object: a client sends to
+    its own region's router, which sees its region's replicas as of now and the others as of its
+    last poll of its peers (every ``sync_period_s``), and may forward a request once to a peer
+    region's router (GORGO's distributed set-up).
+
+    Attributes:
+        mode: ``proxy`` or ``regional``.
+        region: proxy mode only: where the proxy sits.
+        sync_period_s: regional mode only: how often a router refreshes its view of its peers, s.
+        recheck_s: how often a router asks its policy again about the requests it holds, s.
+        prefix_source: what policies see of the replicas' prefix caches: ``mirror`` (each router's
+            own record of what it sent where, an LRU of each replica's KV size, as GORGO-proxy
+            keeps) or ``exact`` (the engines' caches, as KV events would give).
+
+    A field that does not apply to the mode (``region`` with ``regional``, ``sync_period_s`` with
+    ``proxy``) is an error when given.
     """
 
-    mode: Literal["proxy", "regional"] = "proxy"
+    mode: RouterMode = "proxy"
     region: str | None = None
+    sync_period_s: float = Field(default=_SIM_DEFAULTS["sync_period_s"], gt=0.0, allow_inf_nan=False)
+    recheck_s: float = Field(default=_SIM_DEFAULTS["recheck_s"], gt=0.0, allow_inf_nan=False)
+    prefix_source: PrefixSource = _SIM_DEFAULTS["prefix_source"]
+
+    @model_validator(mode="after")
+    def _fields_of_the_mode(self) -> RouterConfig:
+        given = self.model_fields_set
+        if self.mode == "regional" and "region" in given:
+            raise FieldError(("region",), "applies to mode: proxy only (in regional mode every region has its "
+                                          "own router)")
+        if self.mode == "proxy" and "sync_period_s" in given:
+            raise FieldError(("sync_period_s",), "applies to mode: regional only (a proxy sees every replica "
+                                                 "as of now)")
+        return self
+
+    def merged(self, override: RouterOverride | None) -> RouterConfig:
+        """This block with ``override``'s given fields on top (a policy's own ``router``).
+
+        When the override changes the mode, the fields of this block that do not apply to the new
+        mode are dropped (``region`` when switching to ``regional``, ``sync_period_s`` when
+        switching to ``proxy``); the others (``recheck_s``, ``prefix_source``) carry over.
+
+        Raises:
+            pydantic.ValidationError: when the result is invalid (e.g. the override gives
+                ``region`` together with ``mode: regional``).
+        """
+        if override is None:
+            return self
+        top = override.model_dump(exclude_unset=True)
+        mode = top.get("mode", self.mode)
+        dropped = _PROXY_ONLY if mode == "regional" else _REGIONAL_ONLY
+        data = {k: getattr(self, k) for k in self.model_fields_set if k not in dropped}
+        data.update(top)
+        return RouterConfig.model_validate(data)
+
+    def resolved(self, policy: object) -> RouterConfig:
+        """This block with the timings the file leaves unset taken from ``policy``.
+
+        A policy may carry its own ``recheck_s`` and ``sync_period_s`` (GORGO's distributed
+        balancer does: 20 ms and about 1 s in the paper); they apply when neither the scenario's
+        nor the policy entry's ``router`` block gives the field. Precedence: the file, then the
+        policy object, then the simulator's default. (``sync_period_s`` only in regional mode.)
+        """
+        given = self.model_fields_set
+        update: dict[str, float] = {}
+        for name in ("recheck_s", "sync_period_s"):
+            if name in given or (name == "sync_period_s" and self.mode != "regional"):
+                continue
+            value = getattr(policy, name, None)
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+                update[name] = float(value)
+        return self.model_copy(update=update) if update else self
+
+    def proxy_region(self, regions: tuple[str, ...]) -> str | None:
+        """Region of the central proxy (``region``, else the first of ``regions``); ``None`` in regional mode."""
+        if self.mode == "regional":
+            return None
+        return self.region or regions[0]
+
+
+class RouterOverride(_Frozen):
+    """A policy's own ``router`` block: any of :class:`RouterConfig`'s fields, laid over the
+    scenario's ``router`` for that policy only (see :meth:`RouterConfig.merged`)."""
+
+    mode: RouterMode | None = None
+    region: str | None = None
+    sync_period_s: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    recheck_s: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+    prefix_source: PrefixSource | None = None
 
 
 class PolicyConfig(_Frozen):
@@ -240,11 +338,15 @@ class PolicyConfig(_Frozen):
 
     In YAML a bare string ``least_load`` means ``{name: least_load}``. ``label`` defaults to ``name``
     and must be unique, so one policy can be compared with itself under different parameters.
+    ``router`` lays fields over the scenario's ``router`` block for this policy alone, so one
+    scenario can compare a regional policy with proxy ones (e.g. ``{name: gorgo, router: {mode:
+    regional}}`` beside ``gorgo_proxy``).
     """
 
     name: str = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
+    router: RouterOverride | None = None
 
     @property
     def key(self) -> str:
@@ -280,8 +382,20 @@ class ScenarioConfig(_Frozen):
                 raise FieldError(("replicas", k, "region"), f"unknown region {group.region!r}; regions: {list(regions)}")
         if self.router.region is not None and self.router.region not in regions:
             raise FieldError(("router", "region"), f"unknown region {self.router.region!r}; regions: {list(regions)}")
-        if self.router.mode != "proxy":
-            raise FieldError(("router", "mode"), "only 'proxy' is simulated for now")
+        for k, p in enumerate(self.policies):
+            if p.router is None:
+                continue
+            try:
+                effective = self.router.merged(p.router)
+            except ValidationError as exc:
+                err = exc.errors(include_url=False)[0]
+                cause = (err.get("ctx") or {}).get("error")
+                if isinstance(cause, FieldError):
+                    raise FieldError(("policies", k, "router", *cause.loc), cause.message) from None
+                raise FieldError(("policies", k, "router", *err["loc"]), err["msg"]) from None
+            if effective.region is not None and effective.region not in regions:
+                raise FieldError(("policies", k, "router", "region"),
+                                 f"unknown region {effective.region!r}; regions: {list(regions)}")
         hash_block = getattr(self.workload, "block_size", None)
         for k, group in enumerate(self.replicas):
             if hash_block is not None and group.enable_prefix_caching and group.block_size != hash_block:
@@ -302,8 +416,18 @@ class ScenarioConfig(_Frozen):
 
     @property
     def router_region(self) -> str:
-        """Region of the central proxy: ``router.region``, else the first region."""
+        """Region of the central proxy of the scenario's ``router`` block: ``router.region``, else the
+        first region (reported even in regional mode, where no proxy runs)."""
         return self.router.region or self.topology.regions[0]
+
+    def router_for(self, label: str) -> RouterConfig:
+        """The router set-up policy ``label`` runs under: the scenario's ``router`` with the policy's
+        own ``router`` fields on top (see :meth:`RouterConfig.merged`); a label the file does not
+        list runs under the scenario's block."""
+        for p in self.policies:
+            if p.key == label:
+                return self.router.merged(p.router)
+        return self.router
 
     def instance_specs(self) -> tuple[InstanceSpec, ...]:
         """One :class:`~isthmus.core.InstanceSpec` per replica, ids ``<region>-<k>`` numbered per region
@@ -323,7 +447,10 @@ class ScenarioConfig(_Frozen):
 class SimulationInputs:
     """Everything :class:`~isthmus.sim.simulator.Simulation` needs for one policy run.
 
-    ``requests`` is a lazy, single-use iterator; build again for another run.
+    ``requests`` is a lazy, single-use iterator; build again for another run. In regional mode
+    ``policies_by_region`` holds one fresh policy object per region (each with its own generator)
+    and ``policy`` is the first region's; in proxy mode ``policies_by_region`` is ``None``.
+    ``router_region`` is where the proxy sits (``None`` in regional mode).
     """
 
     topology: Topology
@@ -331,8 +458,10 @@ class SimulationInputs:
     policy: Policy
     policy_label: str
     requests: Iterator[Request]
-    router_region: str
+    router_region: str | None
     seed: int
+    router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
+    policies_by_region: Mapping[str, Policy] | None = None
 
 
 @dataclass(frozen=True)
@@ -361,45 +490,82 @@ class Scenario:
         return PolicyConfig(name=label)
 
     def make_policy(self, label: str, seed: int, registry: PolicyRegistry | None = None) -> Policy:
-        """A fresh policy object from ``registry`` (default: every built-in policy), seeded with ``seed``.
+        """A fresh policy object from ``registry`` (default: every built-in policy), its generator
+        seeded with ``seed`` (``numpy.random.default_rng(seed)``).
 
         Raises :class:`~isthmus.core.errors.RegistryError` for an unknown name or bad parameters.
         """
-        if registry is None:
-            from isthmus.policies import default_registry
-
-            registry = default_registry()
+        registry = _registry(registry)
         p = self.policy_config(label)
         return registry.create(p.name, p.params, rng=np.random.default_rng(seed))
+
+    def make_regional_policies(self, label: str, seed: int,
+                               registry: PolicyRegistry | None = None) -> dict[str, Policy]:
+        """One fresh policy object per region of the topology, in region order, for regional mode.
+
+        The ``k``-th region's generator is ``numpy.random.default_rng(child_k)`` with ``child_k``
+        the ``k``-th of ``numpy.random.SeedSequence(seed).spawn(n_regions)``: independent streams,
+        the same for the same seed. Raises :class:`~isthmus.core.errors.RegistryError` like
+        :meth:`make_policy`.
+        """
+        registry = _registry(registry)
+        p = self.policy_config(label)
+        regions = self.config.topology.regions
+        children = np.random.SeedSequence(seed).spawn(len(regions))
+        return {r: registry.create(p.name, p.params, rng=np.random.default_rng(c))
+                for r, c in zip(regions, children, strict=True)}
+
+    def router_setup(self, label: str, registry: PolicyRegistry | None = None) -> RouterConfig:
+        """The router set-up policy ``label`` runs under, timings resolved as in :meth:`build`."""
+        return self.config.router_for(label).resolved(self.make_policy(label, self.config.seed, registry))
 
     def requests(self, seed: int) -> Iterator[Request]:
         """The workload's request stream (lazy; identical for every policy at a given seed)."""
         return build_requests(self.config.workload, self.config.topology.regions, seed, self.base_dir)
 
+    def offered_rate_rps(self) -> float:
+        """Long-run mean request rate of the workload, req/s (``rate_rps``, else the trace's native
+        rate, divided by ``time_scale``; ``limit`` and ``duration_s`` ignored). Reads the trace file
+        once when it has to."""
+        return offered_rate(self.config.workload, self.base_dir)
+
     def build(self, policy_name: str, seed: int | None = None,
               registry: PolicyRegistry | None = None) -> SimulationInputs:
         """Inputs of one simulation run of policy ``policy_name`` (a label of ``policies``, or any
-        registered name, which then runs with no parameters). ``seed`` defaults to the file's."""
+        registered name, which then runs with no parameters and the scenario's router) under its
+        router set-up (:meth:`ScenarioConfig.router_for`, then :meth:`RouterConfig.resolved` for
+        the timings the file leaves to the policy). ``seed`` defaults to the file's."""
         s = self.config.seed if seed is None else seed
+        router = self.config.router_for(policy_name)
+        by_region: dict[str, Policy] | None = None
+        if router.mode == "regional":
+            by_region = self.make_regional_policies(policy_name, s, registry)
+            policy = by_region[self.config.topology.regions[0]]
+        else:
+            policy = self.make_policy(policy_name, s, registry)
+        router = router.resolved(policy)
         return SimulationInputs(
             topology=self.config.topology.build(),
             instances=self.config.instance_specs(),
-            policy=self.make_policy(policy_name, s, registry),
+            policy=policy,
             policy_label=policy_name,
             requests=self.requests(s),
-            router_region=self.config.router_region,
+            router_region=router.proxy_region(self.config.topology.regions),
             seed=s,
+            router=router,
+            policies_by_region=by_region,
         )
 
     def simulation(self, policy_name: str, seed: int | None = None, *,
                    progress: Callable[[int], None] | None = None,
                    registry: PolicyRegistry | None = None) -> Simulation:
         """A ready-to-run :class:`~isthmus.sim.simulator.Simulation` for one policy."""
-        from isthmus.sim.simulator import Simulation
-
         inp = self.build(policy_name, seed, registry)
+        r = inp.router
         return Simulation(inp.topology, inp.instances, inp.policy, inp.requests,
-                          router_region=inp.router_region, progress=progress)
+                          router_region=inp.router_region, mode=r.mode, policies_by_region=inp.policies_by_region,
+                          sync_period_s=r.sync_period_s, recheck_s=r.recheck_s, prefix_source=r.prefix_source,
+                          progress=progress)
 
     def run(self, policy_name: str, seed: int | None = None, *,
             progress: Callable[[int], None] | None = None,
@@ -416,6 +582,31 @@ class Scenario:
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, self.source, prefix=("workload",))) from None
         return dataclasses.replace(self, config=self.config.model_copy(update={"workload": workload}))
+
+    def with_rtt_scale(self, factor: float) -> Scenario:
+        """A copy with every RTT multiplied by ``factor`` (between regions and inside them, including
+        the ``intra_region_rtt_ms`` default): ``0`` removes the network, ``2`` doubles it.
+
+        Raises:
+            ConfigError: ``factor`` negative or not finite.
+        """
+        if not np.isfinite(factor) or factor < 0:
+            raise ConfigError(f"RTT scale must be a finite number >= 0, got {factor}")
+        topo = self.config.topology
+        scaled = topo.model_copy(update={
+            "rtt_ms": {a: {b: v * factor for b, v in row.items()} for a, row in topo.rtt_ms.items()},
+            "intra_region_rtt_ms": topo.intra_region_rtt_ms * factor,
+        })
+        return dataclasses.replace(self, config=self.config.model_copy(update={"topology": scaled}))
+
+
+def _registry(registry: PolicyRegistry | None) -> PolicyRegistry:
+    """``registry``, or a fresh one holding every built-in policy."""
+    if registry is not None:
+        return registry
+    from isthmus.policies import default_registry
+
+    return default_registry()
 
 
 # ----------------------------------------------------------------------------------------- loading
