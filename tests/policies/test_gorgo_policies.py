@@ -12,12 +12,19 @@ T_P = 1e-4
 RTT = RttTable({("east", "west"): 0.25, ("east", "south"): 0.4, ("west", "south"): 0.3}, intra_s=0.002)
 
 
+# The paper's settings: an in-flight cap of 10 at the proxy; room = fewer than 5 running, and a
+# peer priced without a queue term. The defaults differ (no caps, room = empty engine queue, peers'
+# queues priced); tests of the defaults are at the end.
+PAPER_PROXY = {"max_in_flight": 10, "q_hat": 1.0}
+PAPER_GORGO = {"local_running_cap": 5, "local_max_waiting": None, "peer_queue": False, "q_hat": 1.0}
+
+
 def proxy(**params: object):
-    return default_registry().create("gorgo_proxy", {"t_p_s": T_P, **params})
+    return default_registry().create("gorgo_proxy", {"t_p_s": T_P, **PAPER_PROXY, **params})
 
 
 def gorgo(**params: object):
-    return default_registry().create("gorgo", {"t_p_s": T_P, **params})
+    return default_registry().create("gorgo", {"t_p_s": T_P, **PAPER_GORGO, **params})
 
 
 # ------------------------------------------------------------------------------------------ gorgo_proxy
@@ -128,3 +135,31 @@ def test_caps_and_shell_periods_are_parameters():
     assert pol.choose(req(prompt=1600), snap(vs, rtt=RTT)).target == "e0"
     default = default_registry().create("gorgo")
     assert (default.recheck_s, default.sync_period_s) == (0.02, 1.0)
+
+
+# ------------------------------------------------------------------------------------------ defaults
+def test_default_proxy_caps_nothing():
+    vs = [view("cheap", in_flight=500)]
+    pol = default_registry().create("gorgo_proxy", {"t_p_s": T_P})
+    assert pol.choose(req(), snap(vs, rtt=RTT)).target == "cheap"
+
+
+def test_default_room_is_an_empty_engine_queue():
+    pol = default_registry().create("gorgo", {"t_p_s": T_P})
+    vs = [view("e0", "east", running=40, running_tokens=100, queued_prefill_tokens=0), view("w0", "west")]
+    assert pol.choose(req(prompt=1600), snap(vs, rtt=RTT)).target == "e0"  # 40 running, nothing waiting
+
+
+def test_default_prices_a_peers_queue_and_what_was_forwarded_since_its_view():
+    pol = default_registry().create("gorgo", {"t_p_s": T_P})
+    # local: 1 waiting, C_local = T_P * (1.0 * 3000 + 2000 + 1600) = 0.66
+    pol = default_registry().create("gorgo", {"t_p_s": T_P, "q_hat": 1.0})
+    local = view("e0", "east", running=5, waiting=1, running_tokens=3000, queued_prefill_tokens=2000)
+    # west, as polled 0.5 s ago: C = 0.25 + T_P * (1000 + 1600) = 0.51 -> forward
+    west = view("w0", "west", queued_prefill_tokens=1000, age=0.5)
+    d = pol.choose(req(prompt=1600), snap([local, west], rtt=RTT, now=10.0))
+    assert (d.target, d.forward) == ("west", True)
+    assert d.estimate.queue_s == pytest.approx(T_P * 1000)
+    # the same view again: the 1,600 tokens just forwarded now count: 0.25 + T_P * 4200 = 0.67 > 0.66
+    d = pol.choose(req(prompt=1600), snap([local, west], rtt=RTT, now=10.1))
+    assert d.target is None and not d.forward

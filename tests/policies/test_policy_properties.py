@@ -78,8 +78,6 @@ def test_every_policy_picks_only_available_replicas_or_holds_or_forwards_once(ca
                 "random", "round_robin", "least_load", "prefix_trie", "cache_aware", "weighted",
                 "session_affinity", "preble"):
             assert d.target is not None, name  # these hold only when nothing is available
-        if name == "gorgo_proxy" and d.target is not None:
-            assert snapshot.instances[d.target].in_flight < 10
 
 
 @settings(max_examples=40, deadline=None)

@@ -10,11 +10,20 @@ with ``t_p(s)`` the prefill seconds per token of ``s`` (its profile's
 ``InstanceView.prefill_s_per_token``; the ``t_p_s`` parameter overrides it for every replica and
 ``default_t_p_s`` stands in where the profile is unknown) and ``q_hat`` the weight of tokens already
 running (0.5 in the paper's first version, 1 later). All costs are seconds.
+
+Default ``q_hat = 0``, derived from the engine model rather than taken from the paper. Under
+chunked prefill (vLLM v1's default) a new prompt shares each step with the running requests, which
+are decoding: they delay it only by their decode work in the ``ceil(L_p / budget)`` steps its
+prefill spans. In the roofline model that is ``k_d * ctx`` per running request and step against
+``t_p`` per prompt token, so the equivalent weight is ``q_hat ~ ceil(L_p / budget) * k_d / t_p``:
+about 0.004 for an 8k-token prompt on Mistral-7B / A100-80GB (``k_d`` ~ 0.1 µs per context token,
+``t_p`` ~ 0.12 ms per token). The paper's 0.5 / 1 fit an engine that runs prefills on their own.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,22 +52,26 @@ class GorgoProxyParams:
     """Parameters of ``gorgo_proxy``.
 
     Attributes:
-        q_hat: weight of running prompt tokens in the queue term (1.0; the paper's first version 0.5).
+        q_hat: weight of running prompt tokens in the queue term (0: module docstring; the paper's
+            first version 0.5, later 1).
         t_p_s: prefill seconds per token for every replica; ``None`` uses each replica's profile.
         default_t_p_s: prefill seconds per token where the profile is unknown (GORGO's fit,
             0.0938 ms/token for Mistral-7B on an A100).
         max_in_flight: a replica with this many requests in flight (as the router counts them) takes
-            no more; the proxy queues instead (GORGO-proxy: 10).
+            no more and the proxy queues instead; ``None`` (the default) caps nothing. The paper's
+            proxy used 10, sized for short chat prompts and answers on SGLang; with long outputs a
+            count cap idles the GPU (10 decoding requests use a fraction of a step's budget), which
+            ``docs/results.md`` measures.
     """
 
-    q_hat: float = 1.0
+    q_hat: float = 0.0
     t_p_s: float | None = None
     default_t_p_s: float = _GORGO_T_P_S
-    max_in_flight: int = 10
+    max_in_flight: int | None = None
 
     def __post_init__(self) -> None:
         _check_t_p("gorgo_proxy", self.t_p_s, self.default_t_p_s, self.q_hat)
-        if self.max_in_flight < 1:
+        if self.max_in_flight is not None and self.max_in_flight < 1:
             raise ValueError(f"gorgo_proxy: max_in_flight must be >= 1, got {self.max_in_flight}")
 
 
@@ -82,7 +95,7 @@ class GorgoProxyPolicy:
 
     def choose(self, request: Request, snapshot: ClusterSnapshot) -> Decision:
         p = self.params
-        cap = p.max_in_flight
+        cap = p.max_in_flight if p.max_in_flight is not None else 1 << 62
         cands = [v for v in snapshot.instances.values() if v.healthy and not v.full and v.in_flight < cap]
         if not cands:
             return Decision(None, reason=f"every available replica has {cap} in flight: proxy queues")
@@ -130,26 +143,38 @@ class GorgoParams:
 
     Attributes:
         q_hat, t_p_s, default_t_p_s: as for ``gorgo_proxy``.
-        local_running_cap: a local replica has room while it runs fewer requests than this (5).
+        local_running_cap: a replica has room while it runs fewer requests than this; ``None`` (the
+            default) caps nothing. The paper used 5, sized for short chat requests on SGLang.
+        local_max_waiting: ... and while no more than this many requests wait in its engine queue
+            (0: the engine would start the request at once). This is the default notion of room:
+            it holds for any GPU and any output length, where a running-count cap does not.
         local_kv_cap: ... and while its KV use is below this share (0.95).
         recheck_s: how often the shell asks again about a held request, seconds (20 ms). The policy
             does not use it: the simulator and the router read ``policy.recheck_s``.
         sync_period_s: how often the shell refreshes its view of the peers' replicas, seconds (about
             once a second in the paper). Read by the shell as ``policy.sync_period_s``.
+        peer_queue: price a peer's queue too: ``t_p * (q_hat * running + queued)`` from its last
+            polled view plus the prompt tokens this balancer forwarded to it since that poll.
+            The paper's ``C_s`` has no queue term (``False``); without one, every balancer that
+            sees the same idle peer in a one-second-old view forwards to it at once.
     """
 
-    q_hat: float = 1.0
+    q_hat: float = 0.0
     t_p_s: float | None = None
     default_t_p_s: float = _GORGO_T_P_S
-    local_running_cap: int = 5
+    local_running_cap: int | None = None
+    local_max_waiting: int | None = 0
     local_kv_cap: float = 0.95
     recheck_s: float = 0.02
     sync_period_s: float = 1.0
+    peer_queue: bool = True
 
     def __post_init__(self) -> None:
         _check_t_p("gorgo", self.t_p_s, self.default_t_p_s, self.q_hat)
-        if self.local_running_cap < 1:
+        if self.local_running_cap is not None and self.local_running_cap < 1:
             raise ValueError(f"gorgo: local_running_cap must be >= 1, got {self.local_running_cap}")
+        if self.local_max_waiting is not None and self.local_max_waiting < 0:
+            raise ValueError(f"gorgo: local_max_waiting must be >= 0, got {self.local_max_waiting}")
         if not 0.0 < self.local_kv_cap <= 1.0:
             raise ValueError(f"gorgo: local_kv_cap must be in (0, 1], got {self.local_kv_cap}")
         check_positive("gorgo", recheck_s=self.recheck_s, sync_period_s=self.sync_period_s)
@@ -161,7 +186,8 @@ class GorgoPolicy:
     The deciding router sits in ``snapshot.here``; local replicas are those with ``region == here``
     (fresh views), the others belong to peer regions (views as stale as the last sync, ``age > 0``).
     A replica *has room* when it is available (healthy, not full), runs fewer than
-    ``local_running_cap`` requests and uses less than ``local_kv_cap`` of its KV blocks. Rule:
+    ``local_running_cap`` requests (no cap by default), has at most ``local_max_waiting`` requests
+    waiting in its engine (0 by default) and uses less than ``local_kv_cap`` of its KV blocks. Rule:
 
     1. some local replica has room: serve on the one with the least ``queue + prefill`` (ties:
        snapshot order);
@@ -175,10 +201,10 @@ class GorgoPolicy:
     4. else ``HOLD``: the request queues at this balancer and the shell asks again every
        ``recheck_s`` seconds.
 
-    Peers count only when a replica there has room (by the stale view): ``C_r`` has no queue term,
-    which prices the peer as if it would start the request at once, and a forwarded request cannot
-    move on. This is a reading of the paper's "available peer"; its state polling gives the
-    needed load.
+    With ``peer_queue`` (the default) ``C_r`` also carries the peer replica's queue term from its
+    polled view plus the prompt tokens this balancer forwarded to it since that poll, and any
+    available peer counts. With ``peer_queue=False`` (the paper's rule) peers count only when a
+    replica there has room by the stale view, priced as if it would start the request at once.
 
     Starvation: a held request ends its wait when a local replica has room again (its running
     requests finish, and the balancer stops feeding it while it holds) or, if it was not forwarded,
@@ -198,6 +224,8 @@ class GorgoPolicy:
 
     def __init__(self, params: GorgoParams) -> None:
         self.params = params
+        # (time, peer replica id, prompt tokens) of recent forwards: work a stale view cannot show
+        self._sent: deque[tuple[float, str, int]] = deque()
 
     @property
     def recheck_s(self) -> float:
@@ -212,7 +240,8 @@ class GorgoPolicy:
     def choose(self, request: Request, snapshot: ClusterSnapshot) -> Decision:
         p = self.params
         here = snapshot.here
-        run_cap = p.local_running_cap
+        run_cap = p.local_running_cap if p.local_running_cap is not None else 1 << 62
+        wait_cap = p.local_max_waiting if p.local_max_waiting is not None else 1 << 62
         kv_cap = p.local_kv_cap
         matched = snapshot.prefix.match(request.block_hashes) if request.block_hashes else {}
         bs = snapshot.block_size
@@ -241,7 +270,7 @@ class GorgoPolicy:
             cost = queue + prefill
             if cost < local_cost:
                 local_cost = cost
-            if v.running < run_cap and v.kv_usage < kv_cap and cost < room_cost:
+            if v.running < run_cap and v.waiting <= wait_cap and v.kv_usage < kv_cap and cost < room_cost:
                 room_best, room_cost, room_terms = v, cost, (queue, prefill)
         if room_best is not None:
             net = snapshot.rtt_s(here, room_best.region)
@@ -252,27 +281,40 @@ class GorgoPolicy:
             return Decision(None, reason="forwarded here: waiting for local room")
         if not any_peer:
             return Decision(None, reason="no local room, no peer: queued locally")
-        # peers: cheapest region by RTT(here, r) + prefill on its best replica with room
+        # peers: cheapest region by RTT(here, r) + queue (stale view + what this balancer sent there
+        # since) + prefill on its best replica
+        now = snapshot.now
+        sent = self._sent
+        while sent and sent[0][0] < now - self.params.sync_period_s * 2:
+            sent.popleft()
         peer_best: str | None = None
+        peer_best_id = ""
         peer_cost = math.inf
-        peer_terms = (0.0, 0.0)
+        peer_terms = (0.0, 0.0, 0.0)
         rtts: dict[str, float] = {}
         for v in snapshot.instances.values():
             region = v.region
-            if region == here or not v.healthy or v.full or v.running >= run_cap or v.kv_usage >= kv_cap:
+            if region == here or not v.healthy or v.full or v.kv_usage >= kv_cap:
                 continue
+            if not p.peer_queue and (v.running >= run_cap or v.waiting > wait_cap):
+                continue  # the paper's rule: only peers with room, priced as if idle
             hop = rtts.get(region)
             if hop is None:
                 hop = rtts[region] = snapshot.rtt_s(here, region)
+            t_p = prefill_s_per_token(v, override, fallback)
+            since = now - v.age
+            unseen = sum(tokens for t, rid, tokens in sent if rid == v.id and t >= since)
+            queue = t_p * (q_hat * v.running_tokens + v.queued_prefill_tokens + unseen) if p.peer_queue else 0.0
             uncached = lp - matched.get(v.id, 0) * bs
-            prefill = prefill_s_per_token(v, override, fallback) * uncached if uncached > 0 else 0.0
-            cost = hop + prefill
+            prefill = t_p * uncached if uncached > 0 else 0.0
+            cost = hop + queue + prefill
             if cost < peer_cost:
-                peer_best, peer_cost, peer_terms = region, cost, (hop, prefill)
+                peer_best, peer_best_id, peer_cost, peer_terms = region, v.id, cost, (hop, queue, prefill)
         if peer_best is not None and peer_cost < local_cost:
-            net, prefill = peer_terms
+            net, queue, prefill = peer_terms
+            sent.append((now, peer_best_id, lp))
             local = "none available" if local_cost == math.inf else f"{local_cost * 1e3:.1f} ms"
-            return Decision(peer_best, forward=True, estimate=CostBreakdown(net, 0.0, prefill, peer_cost),
+            return Decision(peer_best, forward=True, estimate=CostBreakdown(net, queue, prefill, peer_cost),
                             reason=f"forward: peer {peer_cost * 1e3:.1f} ms < local {local}")
         return Decision(None, reason="no local room, no cheaper peer: queued locally")
 
