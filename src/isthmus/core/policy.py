@@ -44,6 +44,11 @@ class Decision:
 HOLD = Decision(target=None, reason="no replica available")
 
 
+def uses_prefix(policy: object) -> bool:
+    """Whether ``policy`` may look at prefix caches (its ``uses_prefix`` attribute; default True)."""
+    return bool(getattr(policy, "uses_prefix", True))
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What happened to a routed request; fed back to adaptive policies."""
@@ -62,6 +67,9 @@ class Policy(Protocol):
 
     ``choose`` must not read the clock, do I/O, or use a global random generator; randomness comes
     from the generator the registry passes to the factory.
+
+    A policy may set ``uses_prefix = False`` to tell its shell that it never calls
+    ``snapshot.prefix.match``, so the shell need not keep a prefix index for it (absent means True).
     """
 
     name: str

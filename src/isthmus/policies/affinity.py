@@ -96,6 +96,7 @@ class SessionAffinityPolicy:
     """
 
     name = "session_affinity"
+    uses_prefix = False
 
     def __init__(self, params: SessionAffinityParams) -> None:
         self.params = params

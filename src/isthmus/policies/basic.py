@@ -22,6 +22,7 @@ class RandomPolicy:
     """Uniformly random among available replicas (from the seeded generator it is given)."""
 
     name = "random"
+    uses_prefix = False
 
     def __init__(self, rng: np.random.Generator) -> None:
         self._rng = rng
@@ -42,6 +43,7 @@ class RoundRobinPolicy:
     """Cycles through replicas in snapshot order, skipping unavailable ones."""
 
     name = "round_robin"
+    uses_prefix = False
 
     def __init__(self) -> None:
         self._next = 0
@@ -68,6 +70,7 @@ class LeastLoadPolicy:
     """
 
     name = "least_load"
+    uses_prefix = False
 
     def choose(self, request: Request, snapshot: ClusterSnapshot) -> Decision:
         best, rtt = least_load(available_views(snapshot), request.origin, snapshot.rtt_s)

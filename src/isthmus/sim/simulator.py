@@ -42,7 +42,7 @@ from typing import Literal
 
 from isthmus.core.instance import InstanceSpec
 from isthmus.core.perf import PerfModel, builtin_perf_model
-from isthmus.core.policy import Decision, Outcome, Policy
+from isthmus.core.policy import Decision, Outcome, Policy, uses_prefix
 from isthmus.core.request import Request
 from isthmus.core.snapshot import (
     CallbackPrefixView,
@@ -205,15 +205,18 @@ class Simulation:
 
         # ------------------------------------------------------------------ routers
         routers: list[_Router] = []
+
+        def make_router(i: int, region: str | None, pol: Policy) -> _Router:
+            # a policy that never looks at prefixes needs no mirror (and the exact view costs nothing)
+            keep = self.prefix_source == "mirror" and uses_prefix(pol)
+            mirror = PrefixIndex(capacity) if keep else None
+            return _Router(i, region, pol, mirror if mirror is not None else exact, mirror)
+
         if regional:
             for i, reg in enumerate(regions):
-                mirror = PrefixIndex(capacity) if self.prefix_source == "mirror" else None
-                pol = self._policies_by_region.get(reg, self.policy)
-                routers.append(_Router(i, reg, pol, mirror if mirror is not None else exact, mirror))
+                routers.append(make_router(i, reg, self._policies_by_region.get(reg, self.policy)))
         else:
-            mirror = PrefixIndex(capacity) if self.prefix_source == "mirror" else None
-            routers.append(_Router(0, self.router_region, self.policy,
-                                   mirror if mirror is not None else exact, mirror))
+            routers.append(make_router(0, self.router_region, self.policy))
         region_router = {r.region: r for r in routers if r.region is not None}
         local_reps: list[frozenset[int]] = [
             frozenset(i for i in range(n_rep) if not regional or rep_region[i] == r.region) for r in routers
