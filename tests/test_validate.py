@@ -151,7 +151,7 @@ def test_missing_or_malformed_workload_is_a_clear_error(tmp_path, capsys):
     del bad["input_tok_ids"]
     rows[3] = json.dumps(bad)
     wl.write_text("\n".join(rows) + "\n")
-    with pytest.raises(TraceError, match=r"line 4: field 'input_tok_ids'"):
+    with pytest.raises(TraceError, match=r"jsonl:4: missing field 'input_tok_ids'"):
         run_validation(gt)
 
 

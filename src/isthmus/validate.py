@@ -61,6 +61,7 @@ from isthmus.core.perf import PerfModel, builtin_perf_model, model_spec
 from isthmus.core.perf_table import LLAMA_LAYER_OPS, LLAMA_ONCE_OPS, TabularPerfModel
 from isthmus.core.request import Request
 from isthmus.engine import FinishedRequest, Replica
+from isthmus.workloads import read_sharegpt_tokens
 
 PerfKind = Literal["table", "roofline"]
 
@@ -247,44 +248,17 @@ def _open_text(path: Path) -> Iterator[str]:
 
 
 def read_workload(path: Path) -> list[WorkloadRow]:
-    """Rows of an LLMServingSim workload (JSONL, optionally gzipped).
+    """Rows of an LLMServingSim workload (JSONL, optionally gzipped), read by the workloads reader.
 
-    Each row needs ``arrival_time_ns`` (offset from the start of the run) and ``input_tok_ids``;
-    ``input_toks``, when present, must equal the number of ids. Rows must be in arrival order.
+    Each row needs ``arrival_time_ns`` (offset from the start of the run), ``input_toks`` and
+    ``input_tok_ids``; rows must be in arrival order.
     """
     if not path.is_file():
         raise TraceError(f"{path}: workload not found")
-    rows: list[WorkloadRow] = []
-    last = -math.inf
-    for lineno, line in enumerate(_open_text(path), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {lineno}"
-        try:
-            rec = json.loads(line)
-        except ValueError as exc:
-            raise TraceError(f"{where}: not valid JSON: {exc}") from None
-        if not isinstance(rec, Mapping):
-            raise TraceError(f"{where}: expected a JSON object")
-        if "sub_requests" in rec:
-            raise TraceError(f"{where}: agentic sessions (sub_requests) are not supported")
-        ids = rec.get("input_tok_ids")
-        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
-            raise TraceError(f"{where}: field 'input_tok_ids' must be a non-empty list of token ids")
-        n_in = rec.get("input_toks", len(ids))
-        if n_in != len(ids):
-            raise TraceError(f"{where}: field 'input_toks' is {n_in!r} but 'input_tok_ids' has {len(ids)} ids")
-        arr = rec.get("arrival_time_ns")
-        if isinstance(arr, bool) or not isinstance(arr, int | float) or not math.isfinite(arr) or arr < 0:
-            raise TraceError(f"{where}: field 'arrival_time_ns' must be a number >= 0, got {arr!r}")
-        arrival_s = float(arr) / 1e9
-        if arrival_s < last:
-            raise TraceError(f"{where}: arrivals are not in order")
-        last = arrival_s
-        out = rec.get("output_toks", 1)
-        if isinstance(out, bool) or not isinstance(out, int) or out < 1:
-            raise TraceError(f"{where}: field 'output_toks' must be an integer >= 1, got {out!r}")
-        rows.append(WorkloadRow(arrival_s, tuple(ids), out))
+    rows = [
+        WorkloadRow(rec.arrival_s, tuple(rec.token_ids or ()), max(1, rec.output_tokens))
+        for rec in read_sharegpt_tokens(path, hashes=False, keep_token_ids=True)
+    ]
     if not rows:
         raise TraceError(f"{path}: no requests")
     return rows
