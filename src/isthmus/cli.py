@@ -218,6 +218,8 @@ def validate(
                                                      help="A real engine run (meta.json, requests.jsonl).")],
     workload: Annotated[Path | None, typer.Option(metavar="FILE", help="The workload it replayed.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", metavar="FILE", help="Write the errors as JSON.")] = None,
+    perf: Annotated[str, typer.Option(
+        help="Step-time model: 'table' (the GPU's per-layer profile) or 'roofline' (the built-in one).")] = "table",
 ) -> None:
     """Check the engine model against a real vLLM run.
 
@@ -226,8 +228,11 @@ def validate(
     """
     from isthmus.validate import main as validate_main
 
+    if perf not in ("table", "roofline"):
+        typer.echo(f"error: --perf must be 'table' or 'roofline', got {perf!r}", err=True)
+        raise typer.Exit(2)
     with _clean_errors():
-        code = validate_main(ground_truth_dir, workload, json_out)
+        code = validate_main(ground_truth_dir, workload, json_out, perf=perf)  # type: ignore[arg-type]
     raise typer.Exit(code)
 
 
