@@ -177,3 +177,19 @@ def test_a_request_larger_than_the_cache_is_refused_at_once():
     else:
         raise AssertionError("accepted a request that can never fit")
     assert not rep.has_work
+
+
+def test_token_tracking_reports_every_sampled_token_once():
+    spec = InstanceSpec("r0", "a", "A100", "Mistral-7B", num_kv_blocks=400)
+    rep = Replica(spec, PERF, 400, track_tokens=True)
+    rep.add_request(_req(0, list(range(100)), 5), 0.0)
+    rep.add_request(_req(1, list(range(500, 520)), 3), 0.0)
+    counts: dict[str, int] = {}
+    now = 0.0
+    while rep.has_work:
+        res = rep.step(now, math.inf)  # no fusion even with an open horizon
+        assert res.num_steps == 1
+        for rid in res.sampled:
+            counts[rid] = counts.get(rid, 0) + 1
+        now += res.duration
+    assert counts == {"q0": 5, "q1": 3}
