@@ -37,6 +37,8 @@ from isthmus.policies._support import check_non_negative, check_positive, parse_
 
 # GORGO's fit for Mistral-7B on an A100 under SGLang: TTFT ~ 150.72 ms + 0.0938 ms x prompt tokens.
 _GORGO_T_P_S = 0.0938e-3
+# forwards remembered per peer replica (a bound on memory and on the work of one decision)
+_SENT_LOG = 256
 
 
 def _check_t_p(policy: str, t_p_s: float | None, default_t_p_s: float, q_hat: float) -> None:
@@ -225,7 +227,7 @@ class GorgoPolicy:
     def __init__(self, params: GorgoParams) -> None:
         self.params = params
         # (time, peer replica id, prompt tokens) of recent forwards: work a stale view cannot show
-        self._sent: deque[tuple[float, str, int]] = deque()
+        self._sent: dict[str, deque[tuple[float, int]]] = {}
 
     @property
     def recheck_s(self) -> float:
@@ -285,8 +287,7 @@ class GorgoPolicy:
         # since) + prefill on its best replica
         now = snapshot.now
         sent = self._sent
-        while sent and sent[0][0] < now - self.params.sync_period_s * 2:
-            sent.popleft()
+        horizon = now - 2.0 * self.params.sync_period_s
         peer_best: str | None = None
         peer_best_id = ""
         peer_cost = math.inf
@@ -303,7 +304,15 @@ class GorgoPolicy:
                 hop = rtts[region] = snapshot.rtt_s(here, region)
             t_p = prefill_s_per_token(v, override, fallback)
             since = now - v.age
-            unseen = sum(tokens for t, rid, tokens in sent if rid == v.id and t >= since)
+            unseen = 0
+            log = sent.get(v.id)
+            if log:
+                while log and log[0][0] < horizon:
+                    log.popleft()
+                for t, tokens in reversed(log):  # newest first; stop at what the view already shows
+                    if t < since:
+                        break
+                    unseen += tokens
             queue = t_p * (q_hat * v.running_tokens + v.queued_prefill_tokens + unseen) if p.peer_queue else 0.0
             uncached = lp - matched.get(v.id, 0) * bs
             prefill = t_p * uncached if uncached > 0 else 0.0
@@ -312,7 +321,10 @@ class GorgoPolicy:
                 peer_best, peer_best_id, peer_cost, peer_terms = region, v.id, cost, (hop, queue, prefill)
         if peer_best is not None and peer_cost < local_cost:
             net, queue, prefill = peer_terms
-            sent.append((now, peer_best_id, lp))
+            log = sent.get(peer_best_id)
+            if log is None:
+                log = sent[peer_best_id] = deque(maxlen=_SENT_LOG)
+            log.append((now, lp))
             local = "none available" if local_cost == math.inf else f"{local_cost * 1e3:.1f} ms"
             return Decision(peer_best, forward=True, estimate=CostBreakdown(net, queue, prefill, peer_cost),
                             reason=f"forward: peer {peer_cost * 1e3:.1f} ms < local {local}")
