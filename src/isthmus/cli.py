@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 
 def build_app() -> typer.Typer:
-    """The command tree: ``simulate``, ``sweep`` and ``validate``."""
+    """The command tree: ``simulate``, ``sweep``, ``validate``, ``emulate`` and ``serve``."""
     app = typer.Typer(
         help="Route LLM inference across regions: simulate routing policies on real traces, validate the engine model.",
         no_args_is_help=True,
@@ -36,6 +36,13 @@ def build_app() -> typer.Typer:
     app.command()(simulate)
     app.command()(sweep)
     app.command()(validate)
+    # the live faces: their command functions live beside their packages and import their
+    # server dependencies only when run
+    from isthmus.emulator.cli import emulate
+    from isthmus.router.cli import serve
+
+    app.command()(emulate)
+    app.command()(serve)
     return app
 
 
@@ -239,3 +246,7 @@ def validate(
 def main() -> None:
     """Console entry point (``isthmus``)."""
     build_app()()
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,7 @@ entries outnumber the blocks.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import KeysView, Sequence
 
 
 class BlockPool:
@@ -59,6 +59,10 @@ class BlockPool:
     def num_cached(self) -> int:
         """Blocks that carry a hash (resident prefix entries)."""
         return len(self._cached)
+
+    def cached_hashes(self) -> KeysView[int]:
+        """Hashes of the resident blocks: a live, read-only view (for KV event publishers)."""
+        return self._cached.keys()
 
     def match_prefix(self, block_hashes: Sequence[int], limit: int | None = None) -> list[int]:
         """Block ids holding the longest cached prefix of ``block_hashes`` (at most ``limit`` blocks)."""

@@ -1,0 +1,782 @@
+"""The router's HTTP face: an OpenAI-compatible proxy (Starlette on uvicorn, upstream via aiohttp).
+
+Life of ``POST /v1/completions`` or ``/v1/chat/completions``:
+
+1. admission: API key (constant-time compare) -> 401; more than ``limits.max_concurrent`` requests
+   in progress -> 429; a body over ``limits.max_body_bytes`` -> 413 (from ``Content-Length`` before
+   reading anything, else as soon as the limit is passed); malformed JSON -> 400; a model not in
+   ``models`` -> 404;
+2. the body is parsed once; the prompt is tokenized and hashed into blocks (:mod:`.prompt`);
+3. decision: the policy chooses on a :class:`~isthmus.core.snapshot.ClusterSnapshot` of the
+   collectors' state. No target: with no replica up at all, 503 at once (``Retry-After``);
+   else the request is held and re-asked every ``recheck_s`` (oldest first) until
+   ``limits.queue_wait_s``, then 503. A forward (regional mode) goes to the peer region's router
+   with ``x-isthmus-hops: 1``; a request that arrives with hops >= 1 is decided with ``hops = 1``;
+4. the original body bytes go upstream; nothing reaches the client before the upstream's first body
+   chunk, so until then a failed attempt (connect error or timeout, a 5xx answer, a stream broken or
+   silent before its first chunk) may be retried on another replica, within the retry budget and
+   ``retries.max_attempts``, after a jittered backoff. SSE streams are then relayed chunk by chunk,
+   byte for byte; other answers are buffered whole and relayed byte for byte;
+5. after the first byte nothing is retried: a stream that breaks or stays silent for
+   ``timeouts.idle_s`` gets an SSE error event and is closed, never a ``[DONE]``;
+6. the outcome (TTFT at the router, end to end, success) goes to ``policy.observe`` and to the
+   metrics. A client that disconnects cancels the upstream request at once.
+
+Answers carry ``x-request-id`` (the client's, else a new one), and relayed ones also
+``x-isthmus-target`` (replica id), ``x-isthmus-region``, ``x-isthmus-cost-ms`` (the policy's total
+estimate) and ``x-isthmus-reason``. Hop-by-hop headers are stripped both ways; the client's
+``Authorization`` and cookies never go upstream; upstream URLs come only from the configuration.
+
+Other endpoints: ``GET /v1/models``, ``GET /health``,
+``GET /metrics`` (the router's own), ``GET /isthmus/summary`` (this region's replicas, for peers).
+``/health`` answers 200 while some replica of this region is up (healthy and not ejected), else 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import numpy as np
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from isthmus.core.policy import Decision, Outcome, Policy, PolicyRegistry, uses_prefix
+from isthmus.core.request import Request as RoutedRequest
+from isthmus.core.tokenizer import ByteChunkTokenizer, Tokenizer
+from isthmus.router.config import RouterConfig
+from isthmus.router.errors import (
+    RouterHTTPError,
+    error_body,
+    model_not_found,
+    sse_error_event,
+    unauthorized,
+    unavailable,
+)
+from isthmus.router.hold import HoldQueue
+from isthmus.router.metrics import RouterMetrics
+from isthmus.router.prompt import BadRequest, PromptInfo, parse_request
+from isthmus.router.reliability import RetryBudget, backoff_s
+from isthmus.router.state import ClusterState, Collectors, Dispatch, PeerState, ReplicaState
+
+log = logging.getLogger("isthmus.router")
+
+HOPS_HEADER = "x-isthmus-hops"
+ORIGIN_HEADER = "x-isthmus-origin"
+
+# RFC 9110 §7.6.1 connection-specific fields, plus what the router recomputes or must not pass on
+_HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer",
+    "transfer-encoding", "upgrade",
+})
+_NOT_UPSTREAM = _HOP_BY_HOP | {"host", "content-length", "authorization", "cookie", "expect"}
+_NOT_DOWNSTREAM = _HOP_BY_HOP | {"content-length", "server", "date", "set-cookie"}
+_RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def _header_value(text: str) -> bytes:
+    """``text`` as a safe header value: latin-1, no control characters, at most 200 characters."""
+    clean = "".join(c if " " <= c <= "~" else "?" for c in text[:200])
+    return clean.encode("latin-1")
+
+
+def _connection_tokens(headers: Mapping[str, str] | Any) -> frozenset[str]:
+    """Header names listed in ``Connection`` (hop-by-hop by declaration)."""
+    value = headers.get("connection", "")
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+@dataclass(slots=True)
+class Routed:
+    """A committed decision: counted on its target until :meth:`release`.
+
+    Attributes:
+        decision: the policy's decision.
+        decided_at: clock seconds.
+        replica: the replica (``None`` when forwarded to a peer router).
+        peer: the peer router when forwarded.
+        dispatch: in-flight ticket on the replica.
+        cached_tokens: prompt tokens the prefix mirror expects cached on the replica.
+    """
+
+    decision: Decision
+    decided_at: float
+    replica: ReplicaState | None = None
+    peer: PeerState | None = None
+    dispatch: Dispatch | None = None
+    cached_tokens: int = 0
+    released: bool = False
+
+    @property
+    def target(self) -> str:
+        return self.replica.id if self.replica is not None else self.peer.region if self.peer is not None else ""
+
+    def release(self) -> None:
+        """End the in-flight count. Idempotent."""
+        if self.released:
+            return
+        self.released = True
+        if self.dispatch is not None:
+            self.dispatch.finish()
+        if self.peer is not None:
+            self.peer.in_flight -= 1
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One client request, parsed."""
+
+    request_id: str
+    path: str
+    raw: bytes
+    info: PromptInfo
+    routed_request: RoutedRequest
+    hops: int
+    arrival: float
+    upstream_headers: dict[str, str]
+    attempts: int = 0
+    status: int = 0
+    ttft_s: float = math.nan
+    target: str = ""
+    region: str = ""
+    forwarded: bool = False
+    error: str = ""
+
+
+class _Failure(Exception):
+    """One failed upstream attempt before any byte reached the client.
+
+    Attributes:
+        kind: ``connect``, ``connect_timeout``, ``status``, ``stall``, ``broken``, ``too_large``.
+        status: what the client gets if this is the last attempt.
+        backend: the backend caused it (counts toward ejection).
+        response: an upstream answer to relay as is if this is the last attempt (status, headers, body).
+    """
+
+    def __init__(self, kind: str, status: int, message: str, backend: bool = True,
+                 response: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+        self.message = message
+        self.backend = backend
+        self.response = response
+
+
+class Router:
+    """The live router: configuration, policy, state, collectors and the request path.
+
+    Construction has no side effects; :meth:`start` opens the upstream sessions and starts the
+    collectors (from the running loop), :meth:`stop` undoes it.
+
+    Args:
+        config: the router configuration.
+        registry: where the policy name is looked up (default: the built-in policies).
+        clock: monotonic seconds.
+        tokenizer: prompt tokenizer (default the built-in byte-chunk tokenizer the engine double uses).
+    """
+
+    def __init__(self, config: RouterConfig, *, registry: PolicyRegistry | None = None,
+                 clock: Callable[[], float] = time.monotonic, tokenizer: Tokenizer | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.policy: Policy = config.make_policy(registry)
+        self.keep_prefix = uses_prefix(self.policy)
+        self.state = ClusterState(config, keep_prefix=self.keep_prefix, clock=clock)
+        self.recheck_s = config.resolved_recheck_s(self.policy)
+        self.sync_period_s = config.resolved_sync_period_s(self.policy)
+        self.hold: HoldQueue[Routed] = HoldQueue(self.recheck_s, lambda r: r.release())
+        self.metrics = RouterMetrics(self.state, held=lambda: len(self.hold), clock=clock)
+        self.budget = RetryBudget(config.retries.budget, config.retries.max_balance)
+        self.rng = np.random.default_rng([config.policy.seed, 1])  # backoff jitter, apart from the policy's
+        self.tokenizer = tokenizer if tokenizer is not None else ByteChunkTokenizer()
+        self.models = config.models
+        self._model_set = frozenset(config.models)
+        self._keys = tuple(k.encode() for k in config.accepted_api_keys())
+        self.active = 0
+        self.session: aiohttp.ClientSession | None = None
+        self._control: aiohttp.ClientSession | None = None
+        self.collectors: Collectors | None = None
+        c = config.timeouts
+        self._timeout_stream = aiohttp.ClientTimeout(total=c.total_s, connect=c.connect_s, sock_connect=c.connect_s,
+                                                     sock_read=c.idle_s)
+        self._timeout_plain = aiohttp.ClientTimeout(total=c.total_s, connect=c.connect_s, sock_connect=c.connect_s)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Open the upstream connection pools and start the collectors."""
+        limit = self.config.limits.max_concurrent
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=30.0),
+            auto_decompress=False, skip_auto_headers=("User-Agent",), raise_for_status=False,
+        )
+        # probes, scrapes and polls have a pool of their own, so a saturated data path cannot delay them
+        self._control = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0))
+        self.collectors = Collectors(self.state, self._control, sync_period_s=self.sync_period_s)
+        self.collectors.start()
+        log.info("router up: region %s, mode %s, policy %s, %d replicas, %d peers", self.config.region,
+                 self.config.mode, self.policy.name, len(self.state.local_ids), len(self.state.peers))
+
+    async def stop(self) -> None:
+        """Stop the collectors and close the pools."""
+        await self.hold.close()
+        if self.collectors is not None:
+            await self.collectors.stop()
+        for s in (self.session, self._control):
+            if s is not None:
+                await s.close()
+        log.info("router stopped")
+
+    # ------------------------------------------------------------------ admission
+    def _check_key(self, request: Request) -> None:
+        if not self._keys:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, given = auth.partition(" ")
+        token = given.strip().encode() if scheme.lower() == "bearer" else b""
+        ok = False
+        for key in self._keys:  # every key is compared, whatever matched: constant time in the key
+            ok |= hmac.compare_digest(token, key)
+        if not ok:
+            raise unauthorized()
+
+    def _request_id(self, request: Request) -> str:
+        given = request.headers.get("x-request-id")
+        if given is not None and _REQUEST_ID.match(given):
+            return given
+        return uuid.uuid4().hex
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.config.limits.max_body_bytes
+        too_large = RouterHTTPError(413, f"request body over the limit of {limit} bytes", "invalid_request_error",
+                                    "request_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                if int(declared) > limit:
+                    raise too_large
+            except ValueError:
+                raise RouterHTTPError(400, "invalid Content-Length") from None
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _upstream_headers(self, request: Request, request_id: str) -> dict[str, str]:
+        drop = _NOT_UPSTREAM | _connection_tokens(request.headers)
+        out = {k: v for k, v in request.headers.items() if k not in drop and not k.startswith("x-isthmus-")}
+        out["x-request-id"] = request_id
+        out["content-type"] = "application/json"
+        return out
+
+    async def handle_proxy(self, request: Request) -> Response:
+        """``POST /v1/completions`` and ``/v1/chat/completions``."""
+        request_id = self._request_id(request)
+        arrival = self.clock()
+        body_read = False
+        try:
+            self._check_key(request)
+            if self.active >= self.config.limits.max_concurrent:
+                raise RouterHTTPError(429, "too many requests in progress; retry later", "rate_limit_error",
+                                      "rate_limit_exceeded", {"retry-after": str(self.config.limits.retry_after_s)})
+            self.active += 1
+            try:
+                raw = await self._read_body(request)
+                body_read = True
+                ctx = self._prepare(request, raw, request_id, arrival)
+            except BaseException:
+                self.active -= 1
+                raise
+        except RouterHTTPError as exc:
+            response = self.error_response(exc, request_id)
+            if not body_read:  # the rest of the body is not worth reading: close after answering
+                response.headers["connection"] = "close"
+            return response
+        except ClientDisconnect:
+            self.metrics.requests.labels("499").inc()
+            return Response(status_code=499)
+        self.metrics.in_progress.set(self.active)
+        return ProxyResponse(self, ctx)
+
+    def _prepare(self, request: Request, raw: bytes, request_id: str, arrival: float) -> RequestContext:
+        chat = request.url.path.endswith("/chat/completions")
+        try:
+            info = parse_request(raw, chat, self.config.block_size, self.tokenizer, hashes=self.keep_prefix)
+        except BadRequest as exc:
+            raise RouterHTTPError(400, str(exc)) from None
+        if info.model not in self._model_set:
+            raise model_not_found(info.model, self.models)
+        try:
+            hops = max(0, int(request.headers.get(HOPS_HEADER, "0")))
+        except ValueError:
+            raise RouterHTTPError(400, f"invalid {HOPS_HEADER} header") from None
+        origin = self.config.region
+        if hops:
+            claimed = request.headers.get(ORIGIN_HEADER, "")
+            if claimed in self.state.peers:
+                origin = claimed
+        routed = RoutedRequest(
+            id=request_id, arrival=arrival, origin=origin, prompt_tokens=info.prompt_tokens,
+            block_hashes=info.block_hashes, max_output_tokens=info.max_output_tokens, session=info.user,
+        )
+        return RequestContext(request_id=request_id, path=request.url.path, raw=raw, info=info,
+                              routed_request=routed, hops=hops, arrival=arrival,
+                              upstream_headers=self._upstream_headers(request, request_id))
+
+    def error_response(self, exc: RouterHTTPError, request_id: str) -> Response:
+        """The client's answer for an error the router raised itself."""
+        self.metrics.requests.labels(str(exc.status)).inc()
+        headers = {"x-request-id": request_id, **exc.headers}
+        log.info("request %s rejected: %d %s", request_id, exc.status, exc.code or exc.type)
+        return Response(exc.body(), status_code=exc.status, headers=headers, media_type="application/json")
+
+    # ------------------------------------------------------------------ decisions
+    def try_route(self, ctx: RequestContext, exclude: frozenset[str]) -> Routed | None:
+        """Ask the policy now; commit and return the decision, or ``None`` for "hold".
+
+        Raises:
+            RouterHTTPError: the policy chose something that does not exist (a policy bug).
+        """
+        now = self.clock()
+        snap = self.state.snapshot(now, hops=min(ctx.hops, 1), exclude=exclude)
+        d = self.policy.choose(ctx.routed_request, snap)
+        if d.target is None:
+            return None
+        st = self.state
+        if d.forward:
+            peer = st.peers.get(d.target)
+            if peer is None or ctx.hops >= 1:
+                raise RouterHTTPError(500, f"policy {self.policy.name} forwarded to {d.target!r}, which is not a "
+                                           "peer region or not allowed", "server_error")
+            peer.in_flight += 1
+            self.metrics.decisions.labels(d.target, d.target, "true").inc()
+            return Routed(d, now, peer=peer)
+        replica = st.replicas.get(d.target)
+        if replica is None:
+            raise RouterHTTPError(500, f"policy {self.policy.name} chose unknown replica {d.target!r}", "server_error")
+        cached = 0
+        hashes = ctx.routed_request.block_hashes
+        if hashes and self.keep_prefix:
+            cached = min(st.matched_blocks(hashes, replica.id) * st.block_size, ctx.info.prompt_tokens)
+            st.record_sent(replica.id, hashes)
+        dispatch = replica.dispatch(ctx.info.prompt_tokens)
+        self.metrics.decisions.labels(replica.id, replica.region, "false").inc()
+        return Routed(d, now, replica=replica, dispatch=dispatch, cached_tokens=cached)
+
+    async def route(self, ctx: RequestContext, exclude: frozenset[str]) -> Routed:
+        """A committed decision for ``ctx``, holding the request while the policy says "not now".
+
+        Raises:
+            RouterHTTPError: 503 when nothing is available or the wait is over.
+        """
+        now = self.clock()
+        local_only = ctx.hops >= 1
+        if exclude and not any(r.healthy(now) for rid, r in self.state.replicas.items()
+                               if rid not in exclude and (r.local or not local_only)):
+            exclude = frozenset()  # nothing else to fail over to: the failed ones may be tried again
+        if not len(self.hold):
+            routed = self.try_route(ctx, exclude)
+            if routed is not None:
+                return routed
+        retry_after = self.config.limits.retry_after_s
+        if not self.state.any_healthy(now, local_only):  # full replicas free up: only then is waiting worth it
+            raise unavailable("no replica is available; retry later", retry_after)
+        wait_s = ctx.arrival + self.config.limits.queue_wait_s - now
+        routed = await self.hold.wait(lambda: self.try_route(ctx, exclude), wait_s)
+        if routed is None:
+            raise unavailable(f"no replica became available within {self.config.limits.queue_wait_s:g} s", retry_after)
+        return routed
+
+    # ------------------------------------------------------------------ outcomes
+    def backend_failure(self, routed: Routed, kind: str) -> None:
+        """Count a backend-caused failure of ``routed``'s target (ejection after a run of them)."""
+        target = routed.target
+        self.metrics.upstream_errors.labels(target, kind).inc()
+        if routed.replica is not None and routed.replica.ejector.failure(self.clock()):
+            self.metrics.ejections.labels(target).inc()
+            log.warning("replica %s ejected for %g s after %d consecutive failures", target,
+                        routed.replica.ejector.cooldown_s, routed.replica.ejector.eject_after)
+
+    def failed_targets(self, routed: Routed) -> set[str]:
+        """Replica ids to keep a request away from after ``routed`` failed it (a failed forward: every
+        replica of that peer region)."""
+        if routed.peer is not None:
+            region = routed.peer.region
+            return {rid for rid, r in self.state.replicas.items() if not r.local and r.region == region}
+        return {routed.target}
+
+    def backend_success(self, routed: Routed) -> None:
+        if routed.replica is not None:
+            routed.replica.ejector.success()
+
+    def observe(self, ctx: RequestContext, routed: Routed, ok: bool) -> None:
+        """Tell the policy how the request went."""
+        now = self.clock()
+        target = ctx.target or routed.target
+        outcome = Outcome(request=ctx.routed_request, target=target, decided_at=routed.decided_at,
+                          ttft_s=ctx.ttft_s, e2e_s=now - ctx.arrival, cached_tokens=routed.cached_tokens, ok=ok)
+        try:
+            self.policy.observe(outcome)
+        except Exception:  # a policy bug must not break the request path
+            log.exception("policy %s failed to observe an outcome", self.policy.name)
+
+    # ------------------------------------------------------------------ other endpoints
+    async def handle_models(self, request: Request) -> Response:
+        try:
+            self._check_key(request)
+        except RouterHTTPError as exc:
+            return self.error_response(exc, self._request_id(request))
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "isthmus"} for m in self.models]
+        return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+    async def handle_health(self, request: Request) -> Response:
+        now = self.clock()
+        ok = self.state.any_healthy(now, local_only=True)
+        body = {"status": "ok" if ok else "no replica available", "region": self.config.region}
+        return Response(orjson.dumps(body), status_code=200 if ok else 503, media_type="application/json")
+
+    async def handle_metrics(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def handle_summary(self, request: Request) -> Response:
+        try:
+            self._check_key(request)
+        except RouterHTTPError as exc:
+            return self.error_response(exc, self._request_id(request))
+        return Response(orjson.dumps(self.state.summary(self.clock())), media_type="application/json")
+
+
+class ProxyResponse(Response):
+    """The answer to one proxied request: decides, calls upstream (with retries) and relays.
+
+    It owns the ASGI exchange from the start, so it can choose the status after the upstream
+    answered and watch for the client going away meanwhile: a disconnect cancels the work at once,
+    which closes the upstream connection.
+    """
+
+    def __init__(self, router: Router, ctx: RequestContext) -> None:  # no super().__init__: no body yet
+        self.router = router
+        self.ctx = ctx
+        self.status_code = 200
+        self.body = b""
+        self.raw_headers = []
+        self.background = None
+        self._started = False
+        self._finished = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        router = self.router
+        ctx = self.ctx
+        work = asyncio.ensure_future(self._run(send))
+        watch = asyncio.ensure_future(self._wait_disconnect(receive))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done() and not self._finished:
+                ctx.error = "client disconnected"
+                ctx.status = 499  # nginx's "client closed request", whatever was relayed before
+                work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+            router.active -= 1
+            router.metrics.in_progress.set(router.active)
+            router.metrics.requests.labels(str(ctx.status or 499)).inc()
+            log.info("request %s model=%s target=%s region=%s forwarded=%s status=%d attempts=%d ttft_ms=%.1f "
+                     "e2e_ms=%.1f error=%s", ctx.request_id, ctx.info.model, ctx.target or "-", ctx.region or "-",
+                     "yes" if ctx.forwarded else "no", ctx.status or 499, ctx.attempts, ctx.ttft_s * 1e3,
+                     (router.clock() - ctx.arrival) * 1e3, ctx.error or "-")
+
+    async def _wait_disconnect(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    async def _send_start(self, send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self._started = True
+        self.ctx.status = status
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def _send_error(self, send: Send, exc: RouterHTTPError) -> None:
+        ctx = self.ctx
+        ctx.error = ctx.error or exc.code or exc.type
+        headers = [(b"content-type", b"application/json"), (b"x-request-id", ctx.request_id.encode())]
+        headers += [(k.encode(), _header_value(v)) for k, v in exc.headers.items()]
+        body = exc.body()
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self._send_start(send, exc.status, headers)
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        self._finished = True
+
+    async def _run(self, send: Send) -> None:
+        router = self.router
+        ctx = self.ctx
+        cfg = router.config.retries
+        router.budget.deposit()
+        exclude: set[str] = set()
+        last: _Failure | None = None
+        retry = 0
+        while True:
+            try:
+                routed = await router.route(ctx, frozenset(exclude))
+            except RouterHTTPError as exc:
+                if last is not None and exc.status == 503:
+                    break  # nothing left to fail over to: answer with the last failure
+                await self._send_error(send, exc)
+                return
+            ctx.attempts += 1
+            try:
+                await self._attempt(routed, send)
+                return
+            except _Failure as failure:
+                last = failure
+                ctx.error = failure.kind
+                exclude.update(router.failed_targets(routed))
+                if failure.backend:
+                    router.backend_failure(routed, failure.kind)
+                router.observe(ctx, routed, ok=False)
+            finally:
+                routed.release()
+            if ctx.attempts >= cfg.max_attempts:
+                break
+            if not router.budget.withdraw():
+                router.metrics.budget_exhausted.inc()
+                break
+            retry += 1
+            router.metrics.retries.inc()
+            await asyncio.sleep(backoff_s(retry, cfg.backoff_base_s, cfg.backoff_max_s, router.rng))
+        assert last is not None
+        if last.response is not None:
+            status, headers, body = last.response
+            headers = [*headers, (b"content-length", str(len(body)).encode())]
+            await self._send_start(send, status, headers)
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            self._finished = True
+            return
+        await self._send_error(send, RouterHTTPError(last.status, f"upstream failed: {last.message}", "upstream_error",
+                                                     last.kind))
+
+    def _response_headers(self, routed: Routed, upstream: Mapping[str, str] | Any) -> list[tuple[bytes, bytes]]:
+        ctx = self.ctx
+        drop = _NOT_DOWNSTREAM | _connection_tokens(upstream)
+        out = [(k.lower().encode("latin-1"), v.encode("latin-1", "replace")) for k, v in upstream.items()
+               if k.lower() not in drop and not k.lower().startswith("x-isthmus-") and k.lower() != "x-request-id"]
+        d = routed.decision
+        if routed.peer is not None:  # the peer router says where it went
+            ctx.target = upstream.get("x-isthmus-target", routed.peer.region)
+            ctx.region = upstream.get("x-isthmus-region", routed.peer.region)
+            ctx.forwarded = True
+        else:
+            assert routed.replica is not None
+            ctx.target, ctx.region = routed.replica.id, routed.replica.region
+        total = d.estimate.total_s
+        out += [
+            (b"x-request-id", ctx.request_id.encode()),
+            (b"x-isthmus-target", _header_value(ctx.target)),
+            (b"x-isthmus-region", _header_value(ctx.region)),
+            (b"x-isthmus-cost-ms", f"{total * 1e3:.3f}".encode() if total == total else b"nan"),
+            (b"x-isthmus-reason", _header_value(d.reason)),
+        ]
+        if ctx.forwarded:
+            out.append((b"x-isthmus-forwarded-to", _header_value(routed.peer.region if routed.peer else "")))
+        return out
+
+    async def _attempt(self, routed: Routed, send: Send) -> None:
+        """One upstream attempt; returns when the client got its answer.
+
+        Raises:
+            _Failure: the attempt failed before any byte reached the client.
+        """
+        router = self.router
+        ctx = self.ctx
+        session = router.session
+        assert session is not None
+        headers = dict(ctx.upstream_headers)
+        if routed.peer is not None:
+            url, auth = routed.peer.url + ctx.path, routed.peer.auth
+            headers[HOPS_HEADER] = str(ctx.hops + 1)
+            headers[ORIGIN_HEADER] = ctx.routed_request.origin
+            router.metrics.forwards.labels(routed.peer.region).inc()
+        else:
+            assert routed.replica is not None
+            url, auth = routed.replica.url + ctx.path, routed.replica.auth
+        if auth:
+            headers["Authorization"] = auth
+        timeout = router._timeout_stream if ctx.info.stream else router._timeout_plain
+        try:
+            resp = await session.post(url, data=ctx.raw, headers=headers, timeout=timeout, allow_redirects=False)
+        except aiohttp.ConnectionTimeoutError:
+            raise _Failure("connect_timeout", 504, f"connect to {routed.target} timed out") from None
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            raise _Failure("connect", 502, f"cannot reach {routed.target}: {type(exc).__name__}") from None
+        except TimeoutError:
+            raise _Failure("stall", 504, f"{routed.target} sent no answer in time") from None
+        except aiohttp.ClientError as exc:
+            raise _Failure("broken", 502, f"{routed.target}: {type(exc).__name__}") from None
+        try:
+            await self._relay(routed, resp, send)
+        finally:
+            resp.close()  # a no-op after a complete read; otherwise it drops the upstream connection
+
+    async def _read_all(self, routed: Routed, resp: aiohttp.ClientResponse) -> bytes:
+        limit = self.router.config.limits.max_response_bytes
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in resp.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise _Failure("too_large", 502, f"{routed.target} answered with over {limit} bytes")
+                chunks.append(chunk)
+        except TimeoutError:
+            raise _Failure("stall", 504, f"{routed.target} stalled") from None
+        except aiohttp.ClientError as exc:
+            raise _Failure("broken", 502, f"{routed.target} broke off its answer: {type(exc).__name__}") from None
+        return b"".join(chunks)
+
+    async def _relay(self, routed: Routed, resp: aiohttp.ClientResponse, send: Send) -> None:
+        router = self.router
+        ctx = self.ctx
+        status = resp.status
+        if status in _RETRYABLE_STATUS:
+            body = await self._read_all(routed, resp)
+            raise _Failure("status", status, f"{routed.target} answered {status}",
+                           response=(status, self._response_headers(routed, resp.headers), body))
+        streaming = status < 300 and resp.headers.get("content-type", "").startswith("text/event-stream")
+        if not streaming:
+            body = await self._read_all(routed, resp)
+            self._first_byte(routed)
+            headers = self._response_headers(routed, resp.headers)
+            headers.append((b"content-length", str(len(body)).encode()))
+            await self._send_start(send, status, headers)
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            self._finished = True
+            self._done(routed, ok=status < 400, backend_ok=status < 500)
+            return
+        content = resp.content
+        try:
+            first = await content.readany()
+        except TimeoutError:
+            raise _Failure("stall", 504, f"{routed.target} sent nothing for {router.config.timeouts.idle_s:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise _Failure("broken", 502, f"{routed.target} broke off before its first chunk: "
+                                          f"{type(exc).__name__}") from None
+        self._first_byte(routed)
+        await self._send_start(send, status, self._response_headers(routed, resp.headers))
+        tail = first
+        failure = ""
+        if first:
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            while True:
+                try:
+                    chunk = await content.readany()
+                except TimeoutError:
+                    failure = f"upstream {ctx.target} stalled for over {router.config.timeouts.idle_s:g} s"
+                    break
+                except aiohttp.ClientError as exc:
+                    failure = f"upstream {ctx.target} broke off the stream: {type(exc).__name__}"
+                    break
+                if not chunk:
+                    break
+                tail = chunk
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if failure:
+            # never a fake [DONE]: an error event, at an event boundary, then the end of the body
+            lead = b"" if tail.endswith((b"\n\n", b"\r\n\r\n")) or not tail else b"\n\n"
+            await send({"type": "http.response.body", "body": lead + sse_error_event(failure),
+                        "more_body": False})
+            self._finished = True
+            ctx.error = "stall" if "stalled" in failure else "broken"
+            router.backend_failure(routed, ctx.error)
+            router.observe(ctx, routed, ok=False)
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self._finished = True
+        self._done(routed, ok=True, backend_ok=True)
+
+    def _first_byte(self, routed: Routed) -> None:
+        ctx = self.ctx
+        router = self.router
+        ctx.ttft_s = router.clock() - ctx.arrival
+        router.metrics.ttft.observe(ctx.ttft_s)
+        if routed.dispatch is not None:
+            routed.dispatch.first_byte()
+
+    def _done(self, routed: Routed, ok: bool, backend_ok: bool) -> None:
+        router = self.router
+        if backend_ok:
+            router.backend_success(routed)
+        if self.ctx.forwarded and routed.peer is not None:
+            # learn where the peer served it, as the simulator's regional routers do
+            router.state.record_sent(self.ctx.target, self.ctx.routed_request.block_hashes)
+        router.observe(self.ctx, routed, ok=ok)
+
+
+def build_app(config: RouterConfig, *, router: Router | None = None,
+              on_ready: Callable[[Router], Awaitable[None]] | None = None) -> Starlette:
+    """The ASGI application of a router for ``config`` (or of ``router``, when given).
+
+    The router starts with the application's lifespan and stops with it.
+    """
+    rt = router if router is not None else Router(config)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await rt.start()
+        if on_ready is not None:
+            await on_ready(rt)
+        try:
+            yield
+        finally:
+            await rt.stop()
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return Response(error_body(f"no route {request.method} {request.url.path}", "invalid_request_error",
+                                   "not_found"), status_code=404, media_type="application/json")
+
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        return Response(error_body(f"method {request.method} not allowed on {request.url.path}",
+                                   "invalid_request_error", "method_not_allowed"), status_code=405,
+                        media_type="application/json")
+
+    routes = [
+        Route("/v1/completions", rt.handle_proxy, methods=["POST"]),
+        Route("/v1/chat/completions", rt.handle_proxy, methods=["POST"]),
+        Route("/v1/models", rt.handle_models, methods=["GET"]),
+        Route("/health", rt.handle_health, methods=["GET"]),
+        Route("/metrics", rt.handle_metrics, methods=["GET"]),
+        Route("/isthmus/summary", rt.handle_summary, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={404: not_found, 405: method_not_allowed})
+    app.state.router = rt
+    return app
+
+
+__all__ = ["ProxyResponse", "Router", "build_app"]
+

@@ -1,0 +1,574 @@
+"""What the router knows of the cluster, and the background tasks that keep it fresh.
+
+:class:`ClusterState` holds one :class:`ReplicaState` per replica the router can send to and one
+:class:`PeerState` per peer router, and turns them into the
+:class:`~isthmus.core.snapshot.ClusterSnapshot` its policy decides on (:meth:`ClusterState.snapshot`),
+with the simulator's semantics (``isthmus.sim.simulator``):
+
+- a local replica's ``running`` / ``waiting`` / ``kv_usage`` come from its last ``/metrics`` scrape
+  (``age`` = seconds since that scrape arrived), and the requests this router sent since the scrape
+  began that have not produced a first byte yet are added to ``waiting`` (in transit, as the
+  simulator counts them). When the engine exposes no usable metrics (no scrape in
+  ``max(1 s, 10 x scrape period)``), ``running`` / ``waiting`` are the router's own counts: requests
+  streaming, requests sent without a first byte yet;
+- ``running_tokens`` / ``queued_prefill_tokens`` are the prompt tokens of this router's own requests on
+  that replica with / without a first byte (the engines do not export them; GORGO-proxy tracks its
+  in-flight requests the same way; requests other routers sent are not seen);
+- ``in_flight`` counts this router's requests on the replica; ``full`` is ``in_flight >= max_in_flight``;
+- ``healthy`` is the active health check's verdict and not ejected;
+- ``prefill_s_per_token`` comes from the replica's (GPU, model) profile
+  (``builtin_perf_model(gpu, model).prefill_s_per_token()``, as in the simulator);
+- regional mode: peer regions' replicas appear as their router last reported them
+  (``GET /isthmus/summary`` every ``sync_period_s``), aged by the time since that poll;
+- RTTs: ``rtt_s(here, r)`` is the EWMA of timed ``GET /health`` probes to region ``r``'s replicas (or
+  peer router) when measured, else the configured value, else the intra-region default;
+- prefix: a router-side :class:`~isthmus.core.snapshot.PrefixIndex` of what was sent where (an LRU of
+  each replica's KV size: the config's ``num_kv_blocks``, else ``vllm:cache_config_info``, else the
+  profile's), plus, in regional mode, a second one for what this router forwarded to peers' replicas.
+
+All the methods of the state classes are synchronous and O(replicas); the I/O lives in
+:class:`Collectors`, whose tasks never block the loop (every call has a timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import aiohttp
+import orjson
+
+from isthmus.core.perf import builtin_perf_model
+from isthmus.core.snapshot import ClusterSnapshot, InstanceView, NoPrefixInfo, PrefixIndex, PrefixIndexView
+from isthmus.router.config import RouterConfig
+from isthmus.router.reliability import Ejector, Ewma, HealthTracker
+from isthmus.router.scrape import EngineLoad, parse_engine_metrics
+
+log = logging.getLogger("isthmus.router.state")
+
+Clock = Callable[[], float]
+
+
+class ReplicaState:
+    """One replica as the router tracks it (see the module docstring for how it becomes a view).
+
+    ``local`` replicas are scraped and probed by this router; peer replicas (regional mode) are
+    known from their router's summary and reached at the ``url`` it reports.
+    """
+
+    def __init__(self, *, id: str, region: str, url: str, gpu: str, model: str = "", engine: str = "vllm",
+                 prefill_s_per_token: float = math.nan, capacity_blocks: int = 1, capacity_fixed: bool = False,
+                 max_in_flight: int | None = None, auth: str | None = None, local: bool = True,
+                 health: HealthTracker | None = None, ejector: Ejector | None = None, rtt_alpha: float = 0.3,
+                 started_at: float = 0.0) -> None:
+        self.id = id
+        self.region = region
+        self.url = url
+        self.gpu = gpu
+        self.model = model
+        self.engine = engine
+        self.prefill_s_per_token = prefill_s_per_token
+        self.capacity_blocks = capacity_blocks
+        self.capacity_fixed = capacity_fixed
+        self.max_in_flight = max_in_flight
+        self.auth = auth  # upstream Authorization header value; never logged
+        self.local = local
+        self.health = health if health is not None else HealthTracker()
+        self.ejector = ejector if ejector is not None else Ejector()
+        self.rtt = Ewma(rtt_alpha)
+        self.started_at = started_at
+        # last scrape
+        self.load: EngineLoad | None = None
+        self.scraped_at = -math.inf
+        self.scrapes = 0
+        self.scrape_errors = 0
+        # scrape epochs: requests sent while scrape k was in flight or later are "fresh" for scrape k
+        self._epoch = 0
+        self._applied_epoch = 0
+        self._fresh: dict[int, int] = {}
+        # this router's own requests
+        self.in_flight = 0
+        self.pending = 0
+        self.pending_tokens = 0
+        self.streaming = 0
+        self.streaming_tokens = 0
+        # peer replicas: the view their router reported
+        self.reported: InstanceView | None = None
+        self.reported_at = -math.inf
+
+    # ------------------------------------------------------------------ own requests
+    def dispatch(self, prompt_tokens: int) -> Dispatch:
+        """Count one request sent to this replica now; the returned ticket ends the count."""
+        self.in_flight += 1
+        self.pending += 1
+        self.pending_tokens += prompt_tokens
+        e = self._epoch
+        self._fresh[e] = self._fresh.get(e, 0) + 1
+        return Dispatch(self, prompt_tokens, e)
+
+    def _unpend(self, d: Dispatch) -> None:
+        self.pending -= 1
+        self.pending_tokens -= d.tokens
+        n = self._fresh.get(d.epoch)
+        if n is not None:
+            if n <= 1:
+                del self._fresh[d.epoch]
+            else:
+                self._fresh[d.epoch] = n - 1
+
+    # ------------------------------------------------------------------ scrapes
+    def scrape_started(self) -> int:
+        """A scrape is being sent: requests dispatched from now on are fresh for it. Returns its epoch."""
+        self._epoch += 1
+        return self._epoch
+
+    def apply_scrape(self, load: EngineLoad, epoch: int, now: float) -> bool:
+        """Take the result of the scrape of ``epoch``; return whether the KV capacity changed."""
+        self.load = load
+        self.scraped_at = now
+        self.scrapes += 1
+        self._applied_epoch = epoch
+        for e in [e for e in self._fresh if e < epoch]:
+            del self._fresh[e]
+        if (not self.capacity_fixed and load.num_kv_blocks is not None
+                and load.num_kv_blocks != self.capacity_blocks):
+            self.capacity_blocks = load.num_kv_blocks
+            return True
+        return False
+
+    # ------------------------------------------------------------------ views
+    def available(self, now: float) -> bool:
+        """Healthy (health checks, not ejected) and below its in-flight cap."""
+        return self.healthy(now) and not self.full
+
+    @property
+    def full(self) -> bool:
+        """At its in-flight cap (a peer's replica: as its router last reported)."""
+        if not self.local:
+            return self.reported is not None and self.reported.full
+        return self.max_in_flight is not None and self.in_flight >= self.max_in_flight
+
+    def healthy(self, now: float) -> bool:
+        if not self.health.up or self.ejector.ejected(now):
+            return False
+        if not self.local:
+            return self.reported is not None and self.reported.healthy
+        return True
+
+    def view(self, now: float, stale_after_s: float) -> InstanceView:
+        """This replica as a policy sees it at ``now`` (module docstring)."""
+        if not self.local:
+            return self._peer_view(now)
+        load = self.load
+        fresh = load is not None and now - self.scraped_at <= stale_after_s
+        if fresh and load is not None and load.running is not None and load.waiting is not None:
+            running = load.running
+            waiting = load.waiting + sum(n for e, n in self._fresh.items() if e >= self._applied_epoch)
+        else:
+            running = self.streaming
+            waiting = self.pending
+        kv = load.kv_usage if load is not None and load.kv_usage is not None else 0.0
+        age = now - self.scraped_at if self.scraped_at > -math.inf else now - self.started_at
+        return InstanceView(
+            id=self.id, region=self.region, gpu=self.gpu, running=running, waiting=waiting,
+            running_tokens=self.streaming_tokens, queued_prefill_tokens=self.pending_tokens, kv_usage=kv,
+            healthy=self.healthy(now), full=self.full, age=max(0.0, age), in_flight=self.in_flight,
+            prefill_s_per_token=self.prefill_s_per_token,
+        )
+
+    def _peer_view(self, now: float) -> InstanceView:
+        v = self.reported
+        if v is None:
+            return InstanceView(id=self.id, region=self.region, gpu=self.gpu, healthy=False,
+                                prefill_s_per_token=self.prefill_s_per_token)
+        return InstanceView(
+            id=v.id, region=v.region, gpu=v.gpu, running=v.running, waiting=v.waiting,
+            running_tokens=v.running_tokens, queued_prefill_tokens=v.queued_prefill_tokens, kv_usage=v.kv_usage,
+            healthy=self.healthy(now), full=v.full, age=v.age + max(0.0, now - self.reported_at),
+            in_flight=v.in_flight, prefill_s_per_token=v.prefill_s_per_token,
+        )
+
+
+class Dispatch:
+    """One request on one replica, from send to end: moves the replica's counters exactly once each."""
+
+    __slots__ = ("epoch", "replica", "stage", "tokens")
+
+    def __init__(self, replica: ReplicaState, tokens: int, epoch: int) -> None:
+        self.replica = replica
+        self.tokens = tokens
+        self.epoch = epoch
+        self.stage = 0  # 0 sent, 1 first byte seen, 2 finished
+
+    def first_byte(self) -> None:
+        """The replica produced the first byte of the answer (its prefill is done)."""
+        if self.stage == 0:
+            r = self.replica
+            r._unpend(self)
+            r.streaming += 1
+            r.streaming_tokens += self.tokens
+            self.stage = 1
+
+    def finish(self) -> None:
+        """The request ended (whatever the outcome). Idempotent."""
+        r = self.replica
+        if self.stage == 0:
+            r._unpend(self)
+        elif self.stage == 1:
+            r.streaming -= 1
+            r.streaming_tokens -= self.tokens
+        else:
+            return
+        r.in_flight -= 1
+        self.stage = 2
+
+
+class PeerState:
+    """Another region's router: its health and RTT (probes), its replicas (summary polls)."""
+
+    def __init__(self, *, region: str, url: str, auth: str | None, health: HealthTracker, rtt_alpha: float) -> None:
+        self.region = region
+        self.url = url
+        self.auth = auth
+        self.health = health
+        self.rtt = Ewma(rtt_alpha)
+        self.polled_at = -math.inf
+        self.polls = 0
+        self.poll_errors = 0
+        self.in_flight = 0  # requests forwarded there and not finished
+
+
+class _PrefixUnion:
+    """Matches of several prefix indexes over disjoint replica sets, merged."""
+
+    def __init__(self, parts: Sequence[PrefixIndexView]) -> None:
+        self._parts = parts
+
+    def match(self, block_hashes: Sequence[int]) -> Mapping[str, int]:
+        out: dict[str, int] = {}
+        for p in self._parts:
+            out.update(p.match(block_hashes))
+        return out
+
+
+class ClusterState:
+    """Replicas, peers, RTTs and the prefix mirror of one router (module docstring).
+
+    Args:
+        config: the router configuration.
+        keep_prefix: keep a prefix mirror (``False`` for policies that never look at prefixes).
+        clock: monotonic seconds (``time.monotonic`` by default); every ``now`` argument is on it.
+    """
+
+    def __init__(self, config: RouterConfig, *, keep_prefix: bool = True, clock: Clock = time.monotonic) -> None:
+        self.config = config
+        self.here = config.region
+        self.clock = clock
+        self.block_size = config.block_size
+        self.keep_prefix = keep_prefix
+        self.stale_after_s = max(1.0, 10.0 * config.scrape_period_s)
+        h = config.health
+        alpha = config.regions.ewma_alpha
+        now = clock()
+        self.replicas: dict[str, ReplicaState] = {}
+        for rid, rc in zip(config.replica_ids, config.replicas, strict=True):
+            perf = builtin_perf_model(rc.gpu, rc.model)
+            fixed = rc.num_kv_blocks is not None
+            # (the config demands num_kv_blocks where the model does not fit the GPU's profile)
+            blocks = rc.num_kv_blocks or perf.num_kv_blocks(config.block_size)
+            self.replicas[rid] = ReplicaState(
+                id=rid, region=rc.region, url=rc.url, gpu=rc.gpu, model=rc.model, engine=rc.engine,
+                prefill_s_per_token=perf.prefill_s_per_token(), capacity_blocks=blocks, capacity_fixed=fixed,
+                max_in_flight=rc.max_in_flight,
+                auth=f"Bearer {rc.api_key.get_secret_value()}" if rc.api_key is not None else None,
+                health=HealthTracker(h.unhealthy_after, h.healthy_after),
+                ejector=Ejector(h.eject_after, h.eject_cooldown_s), rtt_alpha=alpha, started_at=now,
+            )
+        self.local_ids = tuple(self.replicas)
+        self.peers: dict[str, PeerState] = {
+            p.region: PeerState(region=p.region, url=p.url,
+                                auth=f"Bearer {p.api_key.get_secret_value()}" if p.api_key is not None else None,
+                                health=HealthTracker(h.unhealthy_after, h.healthy_after), rtt_alpha=alpha)
+            for p in config.peers
+        }
+        self._rtt_config = config.regions.rtt_s()
+        self._intra_s = config.regions.intra_region_rtt_ms / 1000.0
+        self._measure = config.regions.measure
+        self.mirror: PrefixIndex | None = None
+        self.peer_mirror: PrefixIndex | None = None
+        self._prefix: PrefixIndexView = NoPrefixInfo()
+        self._rebuild_mirror()
+
+    # ------------------------------------------------------------------ prefix mirror
+    def _rebuild_mirror(self) -> None:
+        if not self.keep_prefix:
+            return
+        self.mirror = PrefixIndex({rid: self.replicas[rid].capacity_blocks for rid in self.local_ids})
+        self._refresh_prefix_view()
+
+    def _rebuild_peer_mirror(self) -> None:
+        if not self.keep_prefix:
+            return
+        remote = {rid: r.capacity_blocks for rid, r in self.replicas.items() if not r.local}
+        self.peer_mirror = PrefixIndex(remote) if remote else None
+        self._refresh_prefix_view()
+
+    def _refresh_prefix_view(self) -> None:
+        parts = [m for m in (self.mirror, self.peer_mirror) if m is not None]
+        self._prefix = parts[0] if len(parts) == 1 else _PrefixUnion(parts) if parts else NoPrefixInfo()
+
+    def matched_blocks(self, block_hashes: Sequence[int], replica_id: str) -> int:
+        """Leading blocks of ``block_hashes`` the mirror expects cached on ``replica_id``."""
+        return self._prefix.match(block_hashes).get(replica_id, 0) if block_hashes else 0
+
+    def record_sent(self, replica_id: str, block_hashes: Sequence[int]) -> None:
+        """Remember that ``replica_id`` now caches ``block_hashes`` (it was sent that prompt)."""
+        if not block_hashes or not self.keep_prefix:
+            return
+        r = self.replicas.get(replica_id)
+        if r is None:
+            return
+        index = self.mirror if r.local else self.peer_mirror
+        if index is not None:
+            index.record(replica_id, block_hashes)
+
+    # ------------------------------------------------------------------ RTT
+    def measured_rtt_s(self, region: str) -> float:
+        """Smoothed probe RTT from this router to ``region``, seconds; ``nan`` when not measured."""
+        if region in self.peers:
+            return self.peers[region].rtt.value
+        vals = [r.rtt.value for r in self.replicas.values()
+                if r.local and r.region == region and r.health.up and r.rtt.value == r.rtt.value]
+        return sum(vals) / len(vals) if vals else math.nan
+
+    def rtt_s(self, a: str, b: str) -> float:
+        """Round-trip seconds between regions ``a`` and ``b`` (module docstring for the sources)."""
+        if self._measure and (a == self.here or b == self.here):
+            m = self.measured_rtt_s(b if a == self.here else a)
+            if m == m:
+                return m
+        c = self._rtt_config.get((a, b))
+        if c is not None:
+            return c
+        return self._intra_s
+
+    # ------------------------------------------------------------------ snapshot
+    def views(self, now: float, exclude: frozenset[str] = frozenset()) -> dict[str, InstanceView]:
+        """Every replica's view at ``now``; those in ``exclude`` are shown unhealthy (failed this request)."""
+        out: dict[str, InstanceView] = {}
+        stale = self.stale_after_s
+        for rid, r in self.replicas.items():
+            v = r.view(now, stale)
+            if rid in exclude and v.healthy:
+                v = InstanceView(
+                    id=v.id, region=v.region, gpu=v.gpu, running=v.running, waiting=v.waiting,
+                    running_tokens=v.running_tokens, queued_prefill_tokens=v.queued_prefill_tokens,
+                    kv_usage=v.kv_usage, healthy=False, full=v.full, age=v.age, in_flight=v.in_flight,
+                    prefill_s_per_token=v.prefill_s_per_token)
+            out[rid] = v
+        return out
+
+    def snapshot(self, now: float, hops: int = 0, exclude: frozenset[str] = frozenset()) -> ClusterSnapshot:
+        """The policy's input at ``now`` for a request that was forwarded ``hops`` times."""
+        return ClusterSnapshot(now=now, here=self.here, instances=self.views(now, exclude), rtt_s=self.rtt_s,
+                               prefix=self._prefix, block_size=self.block_size, hops=hops)
+
+    def any_available(self, now: float, local_only: bool) -> bool:
+        """Whether some replica (only this region's when ``local_only``) may take a request now."""
+        return any(r.available(now) for r in self.replicas.values() if r.local or not local_only)
+
+    def any_healthy(self, now: float, local_only: bool) -> bool:
+        """Whether some replica (only this region's when ``local_only``) is up, full or not."""
+        return any(r.healthy(now) for r in self.replicas.values() if r.local or not local_only)
+
+    # ------------------------------------------------------------------ peers
+    def summary(self, now: float) -> dict[str, Any]:
+        """This router's own replicas as JSON for its peers (``GET /isthmus/summary``)."""
+        out = []
+        for rid in self.local_ids:
+            r = self.replicas[rid]
+            v = r.view(now, self.stale_after_s)
+            out.append({
+                "id": v.id, "region": v.region, "gpu": v.gpu, "url": r.url, "running": v.running,
+                "waiting": v.waiting, "running_tokens": v.running_tokens,
+                "queued_prefill_tokens": v.queued_prefill_tokens, "kv_usage": v.kv_usage, "healthy": v.healthy,
+                "full": v.full, "age": v.age, "in_flight": v.in_flight,
+                "prefill_s_per_token": v.prefill_s_per_token if v.prefill_s_per_token == v.prefill_s_per_token
+                else None,
+                "num_kv_blocks": r.capacity_blocks,
+            })
+        return {"region": self.here, "replicas": out}
+
+    def apply_summary(self, peer: PeerState, data: Any, now: float) -> None:
+        """Take a peer's summary; replicas it no longer reports are dropped.
+
+        Raises:
+            ValueError: the summary is malformed.
+        """
+        if not isinstance(data, dict) or not isinstance(data.get("replicas"), list):
+            raise ValueError("summary must be an object with a 'replicas' list")
+        seen: set[str] = set()
+        changed = False
+        h = self.config.health
+        for item in data["replicas"]:
+            try:
+                rid = str(item["id"])
+                t_p = item.get("prefill_s_per_token")
+                view = InstanceView(
+                    id=rid, region=peer.region, gpu=str(item.get("gpu", "")), running=int(item["running"]),
+                    waiting=int(item["waiting"]), running_tokens=int(item.get("running_tokens", 0)),
+                    queued_prefill_tokens=int(item.get("queued_prefill_tokens", 0)),
+                    kv_usage=float(item.get("kv_usage", 0.0)), healthy=bool(item.get("healthy", True)),
+                    full=bool(item.get("full", False)), age=float(item.get("age", 0.0)),
+                    in_flight=int(item.get("in_flight", 0)),
+                    prefill_s_per_token=float(t_p) if t_p is not None else math.nan,
+                )
+                url = str(item["url"])
+                blocks = max(1, int(item.get("num_kv_blocks", 1)))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"bad replica entry in summary: {exc}") from None
+            if rid in self.replicas and self.replicas[rid].local:
+                continue  # a peer cannot shadow one of ours
+            seen.add(rid)
+            r = self.replicas.get(rid)
+            if r is None or r.region != peer.region:
+                r = ReplicaState(id=rid, region=peer.region, url=url, gpu=view.gpu,
+                                 prefill_s_per_token=view.prefill_s_per_token, capacity_blocks=blocks,
+                                 local=False, health=peer.health,
+                                 ejector=Ejector(h.eject_after, h.eject_cooldown_s), auth=None, started_at=now)
+                self.replicas[rid] = r
+                changed = True
+            elif r.capacity_blocks != blocks:
+                r.capacity_blocks = blocks
+                changed = True
+            r.url = url
+            r.reported = view
+            r.reported_at = now
+        for rid in [rid for rid, r in self.replicas.items()
+                    if not r.local and r.region == peer.region and rid not in seen]:
+            if self.replicas[rid].in_flight == 0:
+                del self.replicas[rid]
+                changed = True
+            else:
+                self.replicas[rid].reported = None
+        peer.polled_at = now
+        peer.polls += 1
+        if changed:
+            self._rebuild_peer_mirror()
+
+
+class Collectors:
+    """The background tasks that keep a :class:`ClusterState` fresh.
+
+    Per local replica: a ``/metrics`` scrape every ``scrape_period_s`` and a timed ``GET /health``
+    every ``health.probe_period_s`` (health verdict and RTT sample). Per peer (regional mode): the
+    same probe of its ``/health`` and a ``GET /isthmus/summary`` every ``sync_period_s``. Each loop
+    runs its calls one after another with a timeout, so a slow target never piles up requests.
+    """
+
+    def __init__(self, state: ClusterState, session: aiohttp.ClientSession, *, sync_period_s: float) -> None:
+        self.state = state
+        self.session = session
+        self.sync_period_s = sync_period_s
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Start every loop (call from the running event loop)."""
+        st = self.state
+        for rid in st.local_ids:
+            r = st.replicas[rid]
+            self._tasks.append(asyncio.create_task(self._scrape_loop(r), name=f"scrape {rid}"))
+            self._tasks.append(asyncio.create_task(
+                self._probe_loop(rid, r.url, r.auth, r.health, r.rtt), name=f"probe {rid}"))
+        for region, p in st.peers.items():
+            self._tasks.append(asyncio.create_task(
+                self._probe_loop(f"peer {region}", p.url, p.auth, p.health, p.rtt), name=f"probe peer {region}"))
+            self._tasks.append(asyncio.create_task(self._poll_loop(p), name=f"poll peer {region}"))
+
+    async def stop(self) -> None:
+        """Cancel every loop and wait for them."""
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+
+    async def _sleep_rest(self, t0: float, period: float) -> None:
+        await asyncio.sleep(max(0.0, period - (self.state.clock() - t0)))
+
+    async def _scrape_loop(self, r: ReplicaState) -> None:
+        st = self.state
+        period = st.config.scrape_period_s
+        timeout = aiohttp.ClientTimeout(total=max(0.5, min(5.0, 10 * period)))
+        headers = {"Authorization": r.auth} if r.auth else {}
+        url = f"{r.url}/metrics"
+        while True:
+            t0 = st.clock()
+            epoch = r.scrape_started()
+            try:
+                async with self.session.get(url, timeout=timeout, headers=headers) as resp:
+                    if resp.status != 200:
+                        raise ValueError(f"status {resp.status}")
+                    text = await resp.text()
+                load = parse_engine_metrics(text, "sglang" if r.engine == "sglang" else "vllm")
+                if r.apply_scrape(load, epoch, st.clock()):
+                    log.info("replica %s reports %d KV blocks: prefix mirror resized", r.id, r.capacity_blocks)
+                    st._rebuild_mirror()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure of one scrape: count it, keep going
+                r.scrape_errors += 1
+                if r.scrape_errors in (1, 10, 100) or r.scrape_errors % 1000 == 0:
+                    log.warning("scrape of %s failed (%d so far): %s", r.id, r.scrape_errors, type(exc).__name__)
+            await self._sleep_rest(t0, period)
+
+    async def _probe_loop(self, name: str, base_url: str, auth: str | None, health: HealthTracker, rtt: Ewma) -> None:
+        st = self.state
+        cfg = st.config.health
+        timeout = aiohttp.ClientTimeout(total=cfg.probe_timeout_s)
+        headers = {"Authorization": auth} if auth else {}
+        url = f"{base_url}/health"
+        while True:
+            t0 = st.clock()
+            ok = False
+            try:
+                async with self.session.get(url, timeout=timeout, headers=headers) as resp:
+                    await resp.read()
+                    ok = resp.status == 200
+                if ok:
+                    rtt.add(st.clock() - t0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # refused, reset, timed out: a failed probe
+                ok = False
+            if health.record(ok):
+                log.warning("%s is %s", name, "up" if health.up else "down")
+            await self._sleep_rest(t0, cfg.probe_period_s)
+
+    async def _poll_loop(self, peer: PeerState) -> None:
+        st = self.state
+        timeout = aiohttp.ClientTimeout(total=max(1.0, st.config.health.probe_timeout_s))
+        headers = {"Authorization": peer.auth} if peer.auth else {}
+        url = f"{peer.url}/isthmus/summary"
+        while True:
+            t0 = st.clock()
+            try:
+                async with self.session.get(url, timeout=timeout, headers=headers) as resp:
+                    if resp.status != 200:
+                        raise ValueError(f"status {resp.status}")
+                    data = orjson.loads(await resp.read())
+                st.apply_summary(peer, data, st.clock())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a failed poll: keep the last view, which ages
+                peer.poll_errors += 1
+                if peer.poll_errors in (1, 10, 100) or peer.poll_errors % 1000 == 0:
+                    log.warning("summary poll of peer %s failed (%d so far): %s", peer.region, peer.poll_errors,
+                                type(exc).__name__)
+            await self._sleep_rest(t0, self.sync_period_s)

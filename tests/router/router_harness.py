@@ -1,0 +1,216 @@
+"""Running real routers for tests: in a thread (uvicorn on a loopback port) or as a subprocess."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from isthmus.router.app import Router, build_app
+from isthmus.router.config import RouterConfig
+
+FAST_HEALTH = {"probe_period_s": 0.05, "probe_timeout_s": 0.5}
+
+
+def config(replicas: Sequence[dict[str, Any]], **over: Any) -> dict[str, Any]:
+    """A router config mapping: loopback, one model ``m``, fast probes; ``over`` replaces top-level keys."""
+    data: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "region": "east",
+        "replicas": list(replicas),
+        "models": ["m"],
+        "policy": {"name": "least_load"},
+        "health": dict(FAST_HEALTH),
+        "scrape_period_s": 0.05,
+        "log_level": "warning",
+    }
+    data.update(over)
+    return data
+
+
+def replica(url: str, region: str = "east", **kw: Any) -> dict[str, Any]:
+    return {"url": url, "region": region, "gpu": "A100", "model": "Mistral-7B", **kw}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RouterThread:
+    """A real router (uvicorn + the app) serving on a loopback port from a background thread."""
+
+    def __init__(self, cfg: RouterConfig) -> None:
+        self.config = cfg
+        self.router = Router(cfg)
+        app = build_app(cfg, router=self.router)
+        self.server = uvicorn.Server(uvicorn.Config(
+            app, host="127.0.0.1", port=cfg.listen.port, loop="uvloop", http="httptools", lifespan="on",
+            access_log=False, log_config=None, log_level="warning", timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, name="router", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.servers[0].sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> RouterThread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("router did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@contextmanager
+def running_router(data: dict[str, Any]) -> Iterator[RouterThread]:
+    rt = RouterThread(RouterConfig.model_validate(data)).start()
+    try:
+        yield rt
+    finally:
+        rt.stop()
+
+
+def wait_until(cond: Any, timeout: float = 5.0, step: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return bool(cond())
+
+
+@contextmanager
+def router_process(data: dict[str, Any], tmp: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``isthmus serve`` in a subprocess on a free port; yields (process, base URL) once it answers."""
+    port = free_port()
+    data = {**data, "listen": {"host": "127.0.0.1", "port": port}}
+    path = tmp / "router.yaml"
+    path.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen([sys.executable, "-c", "from isthmus.cli import main; main()", "serve", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"router exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("router did not start") from None
+                time.sleep(0.05)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+READY = re.compile(rb"serving .* on http://127\.0\.0\.1:(\d+)")
+
+
+class Emulator:
+    """One ``isthmus emulate`` process on a loopback port."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.proc = proc
+        self.log = log
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            c.request(method, path, body=data, headers={"content-type": "application/json"})
+            r = c.getresponse()
+            return r.status, r.read()
+        finally:
+            c.close()
+
+    def fault(self, **spec: Any) -> None:
+        """Replace the injected faults (none: clear them)."""
+        status, body = self.call("POST", "/admin/fault", spec)
+        assert status == 200, body
+
+    def metric(self, name: str) -> float:
+        """Sum of the samples of ``name`` on ``/metrics``."""
+        status, body = self.call("GET", "/metrics")
+        assert status == 200
+        total = 0.0
+        for family in text_string_to_metric_families(body.decode()):
+            for s in family.samples:
+                if s.name == name:
+                    total += s.value
+        return total
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@contextmanager
+def emulators(tmp: Path, count: int, *args: str) -> Iterator[list[Emulator]]:
+    """``count`` engine doubles (``isthmus emulate --port 0 ARGS``), started in parallel."""
+    isthmus = Path(sys.executable).parent / "isthmus"
+    emus = []
+    for k in range(count):
+        log = tmp / f"emulate-{k}.log"
+        with log.open("wb") as sink:
+            proc = subprocess.Popen([str(isthmus), "emulate", "--port", "0", *args], stdout=sink,
+                                    stderr=subprocess.STDOUT)
+        emus.append(Emulator(proc, log))
+    try:
+        deadline = time.monotonic() + 30
+        for e in emus:
+            while not e.port:
+                m = READY.search(e.log.read_bytes())
+                if m:
+                    e.port = int(m.group(1))
+                elif e.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"emulator did not start:\n{e.log.read_text(errors='replace')}")
+                else:
+                    time.sleep(0.02)
+        yield emus
+    finally:
+        for e in emus:
+            e.stop()
