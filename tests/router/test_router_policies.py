@@ -129,3 +129,13 @@ def test_regional_gorgo_routers_forward_once_to_a_cheaper_peer() -> None:
         c.close()
         assert summary["region"] == "west" and [r["id"] for r in summary["replicas"]] == ["west-0"]
         assert summary["replicas"][0]["url"] == ups[1].url and summary["replicas"][0]["prefill_s_per_token"] > 0
+
+
+def test_a_central_proxy_routes_by_the_clients_region_when_an_edge_says_it() -> None:
+    with upstreams("e", "w", "a") as ups, running_router(config(
+            [replica(ups[0].url, "east"), replica(ups[1].url, "west"), replica(ups[2].url, "asia")],
+            **three_regions(policy="gorgo_proxy"))) as rt:
+        _, headers, _ = post(rt.port, body(stream=False), {"x-isthmus-origin": "asia"})
+        assert headers["x-isthmus-target"] == "asia-0"  # idle cluster: the client's own region is nearest
+        _, headers, _ = post(rt.port, body("other prompt", stream=False), {"x-isthmus-origin": "mars"})
+        assert headers["x-isthmus-target"] == "east-0"  # unknown region: the router's own

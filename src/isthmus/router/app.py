@@ -208,6 +208,8 @@ class Router:
         self.tokenizer = tokenizer if tokenizer is not None else ByteChunkTokenizer()
         self.models = config.models
         self._model_set = frozenset(config.models)
+        self._known_regions = frozenset(
+            [config.region, *(r.region for r in config.replicas), *(p.region for p in config.peers)])
         self._keys = tuple(k.encode() for k in config.accepted_api_keys())
         self.active = 0
         self.session: aiohttp.ClientSession | None = None
@@ -330,11 +332,12 @@ class Router:
             hops = max(0, int(request.headers.get(HOPS_HEADER, "0")))
         except ValueError:
             raise RouterHTTPError(400, f"invalid {HOPS_HEADER} header") from None
+        # The client's region: a peer router's forward says where the client is, and so may a
+        # trusted edge in front of a central proxy (a hint for routing only); else this region.
         origin = self.config.region
-        if hops:
-            claimed = request.headers.get(ORIGIN_HEADER, "")
-            if claimed in self.state.peers:
-                origin = claimed
+        claimed = request.headers.get(ORIGIN_HEADER, "")
+        if claimed and claimed in self._known_regions:
+            origin = claimed
         routed = RoutedRequest(
             id=request_id, arrival=arrival, origin=origin, prompt_tokens=info.prompt_tokens,
             block_hashes=info.block_hashes, max_output_tokens=info.max_output_tokens, session=info.user,
