@@ -58,7 +58,6 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -69,23 +68,13 @@ from pydantic import (
     model_validator,
 )
 
+from isthmus.configfile import FieldError, format_validation_error, read_yaml, where
 from isthmus.core.errors import ConfigError, IsthmusError, UnknownProfileError
 from isthmus.core.perf import builtin_perf_model, gpu_spec, model_spec
 from isthmus.core.policy import Policy, PolicyRegistry
 
-Loc = tuple[str | int, ...]
-
 DEFAULT_RECHECK_S = 0.02
 DEFAULT_SYNC_PERIOD_S = 1.0
-
-
-class FieldError(ValueError):
-    """A validation failure located below the model that raises it (``loc`` is appended)."""
-
-    def __init__(self, loc: Loc, message: str) -> None:
-        super().__init__(message)
-        self.loc = loc
-        self.message = message
 
 
 class _Frozen(BaseModel):
@@ -413,74 +402,6 @@ def _policy_period(policy: object, name: str, default: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------- loading
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys (plain PyYAML keeps the last one silently)."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    out: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in out:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        out[key] = loader.construct_object(value_node, deep=True)
-    return out
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _line_index(node: yaml.Node | None, loc: Loc = (), out: dict[Loc, int] | None = None) -> dict[Loc, int]:
-    """Map every location in a composed YAML tree to its 1-based line."""
-    out = {} if out is None else out
-    if node is None:
-        return out
-    out.setdefault(loc, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            child = (*loc, str(key_node.value))
-            out[child] = key_node.start_mark.line + 1
-            _line_index(value_node, child, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for k, item in enumerate(node.value):
-            child = (*loc, k)
-            out[child] = item.start_mark.line + 1
-            _line_index(item, child, out)
-    return out
-
-
-def _where(path: Path, loc: Loc, lines: Mapping[Loc, int]) -> str:
-    """``path:line: dotted.field`` for ``loc`` (the line of its nearest ancestor in the file)."""
-    line = None
-    for n in range(len(loc), -1, -1):
-        if loc[:n] in lines:
-            line = lines[loc[:n]]
-            break
-    dotted = ".".join(str(p) for p in loc) or "(top level)"
-    return f"{path}:{line}: {dotted}" if line is not None else f"{path}: {dotted}"
-
-
-def _format_validation_error(exc: ValidationError, path: Path, lines: Mapping[Loc, int], limit: int = 5) -> str:
-    parts: list[str] = []
-    errors = exc.errors(include_url=False)
-    for err in errors[:limit]:
-        loc: Loc = tuple(err["loc"])
-        msg = err["msg"]
-        cause = (err.get("ctx") or {}).get("error")
-        if isinstance(cause, FieldError):
-            loc = (*loc, *cause.loc)
-            msg = cause.message
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        elif err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        parts.append(f"{_where(path, loc, lines)}: {msg}")
-    if len(errors) > limit:
-        parts.append(f"... and {len(errors) - limit} more")
-    return "; ".join(parts)
-
-
 def load_config(path: str | Path, registry: PolicyRegistry | None = None) -> RouterConfig:
     """Read, validate and return the router configuration in ``path``.
 
@@ -492,29 +413,15 @@ def load_config(path: str | Path, registry: PolicyRegistry | None = None) -> Rou
         ConfigError: naming the file, the line and the dotted path of the first bad fields.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
-        lines = _line_index(yaml.compose(text, Loader=yaml.SafeLoader))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: YAML syntax error: {exc.problem or exc.context or 'invalid YAML'}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: YAML syntax error: {exc}") from None
+    data, lines = read_yaml(path, "config")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a router config must be a YAML mapping, got {type(data).__name__}")
     try:
         config = RouterConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, path, lines)) from None
+        raise ConfigError(format_validation_error(exc, path, lines)) from None
     try:
         config.make_policy(registry)
     except IsthmusError as exc:
-        raise ConfigError(f"{_where(path, ('policy',), lines)}: {exc}") from None
+        raise ConfigError(f"{where(path, ('policy',), lines)}: {exc}") from None
     return config

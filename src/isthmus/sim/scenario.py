@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from isthmus.configfile import FieldError, Loc, format_validation_error, read_yaml, where
 from isthmus.core.errors import ConfigError, IsthmusError, UnknownProfileError
 from isthmus.core.instance import InstanceSpec
 from isthmus.core.perf import builtin_perf_model, gpu_spec, model_spec
@@ -41,23 +41,9 @@ if TYPE_CHECKING:
 
     from isthmus.sim.metrics import SimResult
 
-Loc = tuple[str | int, ...]
 
 # Engine settings default to the values of InstanceSpec, so each default lives in one place.
 _INSTANCE_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(InstanceSpec)}
-
-
-class FieldError(ValueError):
-    """A validation failure located below the model that raises it.
-
-    Raised inside a pydantic validator; :func:`format_validation_error` appends ``loc`` to the
-    location pydantic reports for the validator's model, so the message names the exact field.
-    """
-
-    def __init__(self, loc: Loc, message: str) -> None:
-        super().__init__(message)
-        self.loc = loc
-        self.message = message
 
 
 class _Frozen(BaseModel):
@@ -610,105 +596,6 @@ def _registry(registry: PolicyRegistry | None) -> PolicyRegistry:
 
 
 # ----------------------------------------------------------------------------------------- loading
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys (plain PyYAML keeps the last one silently)."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    out: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in out:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
-        out[key] = loader.construct_object(value_node, deep=True)
-    return out
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _line_index(node: yaml.Node | None, loc: Loc = (), out: dict[Loc, int] | None = None) -> dict[Loc, int]:
-    """Map every dotted location in a composed YAML tree to its 1-based line."""
-    out = {} if out is None else out
-    if node is None:
-        return out
-    out.setdefault(loc, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            child = (*loc, str(key_node.value))
-            out[child] = key_node.start_mark.line + 1
-            _line_index(value_node, child, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for k, item in enumerate(node.value):
-            child = (*loc, k)
-            out[child] = item.start_mark.line + 1
-            _line_index(item, child, out)
-    return out
-
-
-def _line_of(loc: Loc, lines: Mapping[Loc, int]) -> int | None:
-    """Line of ``loc``, or of its nearest ancestor present in the file."""
-    for n in range(len(loc), -1, -1):
-        key = tuple(str(p) if isinstance(p, str) else p for p in loc[:n])
-        if key in lines:
-            return lines[key]
-    return None
-
-
-def _dotted(loc: Loc) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
-
-
-def format_validation_error(exc: ValidationError, source: Path | None, lines: Mapping[Loc, int] | None = None,
-                            prefix: Loc = (), limit: int = 5) -> str:
-    """One line naming the file, the line and the dotted path of each bad field (at most ``limit``)."""
-    parts: list[str] = []
-    errors = exc.errors(include_url=False)
-    # A container whose items failed is also reported "too short"; the item errors say it better.
-    failed = [tuple(e["loc"]) for e in errors]
-    errors = [e for e in errors if not (e["type"] == "too_short" and any(
-        len(f) > len(e["loc"]) and f[: len(e["loc"])] == tuple(e["loc"]) for f in failed))]
-    for err in errors[:limit]:
-        loc: Loc = (*prefix, *err["loc"])
-        msg = err["msg"]
-        cause = (err.get("ctx") or {}).get("error")
-        if isinstance(cause, FieldError):
-            loc = (*loc, *cause.loc)
-            msg = cause.message
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        elif err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        line = _line_of(loc, lines) if lines else None
-        where = f"{source}:{line}: " if source is not None and line is not None else (f"{source}: " if source else "")
-        parts.append(f"{where}{_dotted(loc)}: {msg}")
-    if len(errors) > limit:
-        parts.append(f"... and {len(errors) - limit} more")
-    return "; ".join(parts)
-
-
-def _read_yaml(path: Path) -> tuple[Any, dict[Loc, int]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such scenario file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
-        lines = _line_index(yaml.compose(text, Loader=yaml.SafeLoader))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        what = exc.problem or exc.context or "invalid YAML"
-        raise ConfigError(f"{where}: YAML syntax error: {what}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: YAML syntax error: {exc}") from None
-    return data, lines
-
-
 def load_scenario(path: str | Path, registry: PolicyRegistry | None = None) -> Scenario:
     """Read, validate and return the scenario in ``path``.
 
@@ -720,7 +607,7 @@ def load_scenario(path: str | Path, registry: PolicyRegistry | None = None) -> S
         ConfigError: naming the file, the line and the dotted path of the first bad fields.
     """
     path = Path(path)
-    data, lines = _read_yaml(path)
+    data, lines = read_yaml(path, "scenario")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a scenario must be a YAML mapping, got {type(data).__name__}")
     try:
@@ -730,8 +617,7 @@ def load_scenario(path: str | Path, registry: PolicyRegistry | None = None) -> S
     scenario = Scenario(config=config, base_dir=path.resolve().parent, source=path)
 
     def fail(loc: Loc, msg: str) -> ConfigError:
-        line = _line_of(loc, lines)
-        return ConfigError(f"{path}:{line}: {_dotted(loc)}: {msg}" if line else f"{path}: {_dotted(loc)}: {msg}")
+        return ConfigError(f"{where(path, loc, lines)}: {msg}")
 
     trace = getattr(config.workload, "path", None)
     if trace is not None and not (scenario.base_dir / trace).is_file():
