@@ -12,7 +12,7 @@ from types import FrameType
 
 from isthmus.emulator.app import EmulatorApp
 from isthmus.emulator.config import EmulatorConfig
-from isthmus.emulator.hf_tokenizer import load_tokenizer
+from isthmus.tokenizer_file import load_tokenizer
 
 log = logging.getLogger("isthmus.emulator")
 

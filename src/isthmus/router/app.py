@@ -39,9 +39,9 @@ import contextlib
 import hmac
 import logging
 import math
+import random
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -69,10 +69,12 @@ from isthmus.router.errors import (
     unavailable,
 )
 from isthmus.router.hold import HoldQueue
+from isthmus.router.kv_events import KvEventSubscribers
 from isthmus.router.metrics import RouterMetrics
 from isthmus.router.prompt import BadRequest, PromptInfo, parse_request
 from isthmus.router.reliability import RetryBudget, backoff_s
 from isthmus.router.state import ClusterState, Collectors, Dispatch, PeerState, ReplicaState
+from isthmus.tokenizer_file import load_tokenizer
 
 log = logging.getLogger("isthmus.router")
 
@@ -88,11 +90,16 @@ _NOT_UPSTREAM = _HOP_BY_HOP | {"host", "content-length", "authorization", "cooki
 _NOT_DOWNSTREAM = _HOP_BY_HOP | {"content-length", "server", "date", "set-cookie"}
 _RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# new request ids: 128 random bits from a generator seeded once from the OS (no system call per request)
+_ID_BITS = random.Random()
 
 
 def _header_value(text: str) -> bytes:
     """``text`` as a safe header value: latin-1, no control characters, at most 200 characters."""
-    clean = "".join(c if " " <= c <= "~" else "?" for c in text[:200])
+    text = text[:200]
+    if text.isascii() and text.isprintable():  # the usual case: printable ASCII is exactly " " to "~"
+        return text.encode("ascii")
+    clean = "".join(c if " " <= c <= "~" else "?" for c in text)
     return clean.encode("latin-1")
 
 
@@ -189,7 +196,11 @@ class Router:
         config: the router configuration.
         registry: where the policy name is looked up (default: the built-in policies).
         clock: monotonic seconds.
-        tokenizer: prompt tokenizer (default the built-in byte-chunk tokenizer the engine double uses).
+        tokenizer: prompt tokenizer (default: the config's ``tokenizer`` file, loaded on first use,
+            else the built-in byte-chunk tokenizer the engine double uses).
+
+    Replicas with ``kv_events`` configured get a KV-event subscriber
+    (:mod:`isthmus.router.kv_events`) while the router runs, when the policy uses the prefix mirror.
     """
 
     def __init__(self, config: RouterConfig, *, registry: PolicyRegistry | None = None,
@@ -205,7 +216,7 @@ class Router:
         self.metrics = RouterMetrics(self.state, held=lambda: len(self.hold), clock=clock)
         self.budget = RetryBudget(config.retries.budget, config.retries.max_balance)
         self.rng = np.random.default_rng([config.policy.seed, 1])  # backoff jitter, apart from the policy's
-        self.tokenizer = tokenizer if tokenizer is not None else ByteChunkTokenizer()
+        self._tokenizer = tokenizer
         self.models = config.models
         self._model_set = frozenset(config.models)
         self._known_regions = frozenset(
@@ -215,10 +226,25 @@ class Router:
         self.session: aiohttp.ClientSession | None = None
         self._control: aiohttp.ClientSession | None = None
         self.collectors: Collectors | None = None
+        events = {rid: rc.kv_events for rid, rc in zip(config.replica_ids, config.replicas, strict=True)
+                  if rc.kv_events is not None} if self.keep_prefix else {}
+        self.kv_events = KvEventSubscribers(events, self.state.apply_kv_events)
         c = config.timeouts
         self._timeout_stream = aiohttp.ClientTimeout(total=c.total_s, connect=c.connect_s, sock_connect=c.connect_s,
                                                      sock_read=c.idle_s)
         self._timeout_plain = aiohttp.ClientTimeout(total=c.total_s, connect=c.connect_s, sock_connect=c.connect_s)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The prompt tokenizer; a configured ``tokenizer`` file is read on first use.
+
+        Raises:
+            ConfigError: the configured file is missing, unreadable, or ``tokenizers`` is not installed.
+        """
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.config.tokenizer) if self.config.tokenizer is not None \
+                else ByteChunkTokenizer()
+        return self._tokenizer
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -232,6 +258,8 @@ class Router:
         self._control = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0))
         self.collectors = Collectors(self.state, self._control, sync_period_s=self.sync_period_s)
         self.collectors.start()
+        self.tokenizer  # noqa: B018 - read a configured tokenizer file now, not on the first request
+        self.kv_events.start()
         log.info("router up: region %s, mode %s, policy %s, %d replicas, %d peers", self.config.region,
                  self.config.mode, self.policy.name, len(self.state.local_ids), len(self.state.peers))
 
@@ -240,6 +268,7 @@ class Router:
         await self.hold.close()
         if self.collectors is not None:
             await self.collectors.stop()
+        await self.kv_events.stop()
         for s in (self.session, self._control):
             if s is not None:
                 await s.close()
@@ -262,7 +291,7 @@ class Router:
         given = request.headers.get("x-request-id")
         if given is not None and _REQUEST_ID.match(given):
             return given
-        return uuid.uuid4().hex
+        return f"{_ID_BITS.getrandbits(128):032x}"
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.config.limits.max_body_bytes
@@ -321,7 +350,8 @@ class Router:
         return ProxyResponse(self, ctx)
 
     def _prepare(self, request: Request, raw: bytes, request_id: str, arrival: float) -> RequestContext:
-        chat = request.url.path.endswith("/chat/completions")
+        path: str = request.scope["path"]  # one of the two proxied routes, matched exactly
+        chat = path.endswith("/chat/completions")
         try:
             info = parse_request(raw, chat, self.config.block_size, self.tokenizer, hashes=self.keep_prefix)
         except BadRequest as exc:
@@ -342,7 +372,7 @@ class Router:
             id=request_id, arrival=arrival, origin=origin, prompt_tokens=info.prompt_tokens,
             block_hashes=info.block_hashes, max_output_tokens=info.max_output_tokens, session=info.user,
         )
-        return RequestContext(request_id=request_id, path=request.url.path, raw=raw, info=info,
+        return RequestContext(request_id=request_id, path=path, raw=raw, info=info,
                               routed_request=routed, hops=hops, arrival=arrival,
                               upstream_headers=self._upstream_headers(request, request_id))
 
@@ -509,10 +539,11 @@ class ProxyResponse(Response):
             router.active -= 1
             router.metrics.in_progress.set(router.active)
             router.metrics.requests.labels(str(ctx.status or 499)).inc()
-            log.info("request %s model=%s target=%s region=%s forwarded=%s status=%d attempts=%d ttft_ms=%.1f "
-                     "e2e_ms=%.1f error=%s", ctx.request_id, ctx.info.model, ctx.target or "-", ctx.region or "-",
-                     "yes" if ctx.forwarded else "no", ctx.status or 499, ctx.attempts, ctx.ttft_s * 1e3,
-                     (router.clock() - ctx.arrival) * 1e3, ctx.error or "-")
+            if log.isEnabledFor(logging.INFO):
+                log.info("request %s model=%s target=%s region=%s forwarded=%s status=%d attempts=%d ttft_ms=%.1f "
+                         "e2e_ms=%.1f error=%s", ctx.request_id, ctx.info.model, ctx.target or "-",
+                         ctx.region or "-", "yes" if ctx.forwarded else "no", ctx.status or 499, ctx.attempts,
+                         ctx.ttft_s * 1e3, (router.clock() - ctx.arrival) * 1e3, ctx.error or "-")
 
     async def _wait_disconnect(self, receive: Receive) -> None:
         while True:
@@ -693,9 +724,12 @@ class ProxyResponse(Response):
         await self._send_start(send, status, self._response_headers(routed, resp.headers))
         tail = first
         failure = ""
+        # a chunk after which the upstream body is complete goes out with the end of the body, in one write
+        done = False
         if first:
-            await send({"type": "http.response.body", "body": first, "more_body": True})
-            while True:
+            done = content.at_eof()
+            await send({"type": "http.response.body", "body": first, "more_body": not done})
+            while not done:
                 try:
                     chunk = await content.readany()
                 except TimeoutError:
@@ -707,7 +741,8 @@ class ProxyResponse(Response):
                 if not chunk:
                     break
                 tail = chunk
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                done = content.at_eof()
+                await send({"type": "http.response.body", "body": chunk, "more_body": not done})
         if failure:
             # never a fake [DONE]: an error event, at an event boundary, then the end of the body
             lead = b"" if tail.endswith((b"\n\n", b"\r\n\r\n")) or not tail else b"\n\n"
@@ -718,7 +753,8 @@ class ProxyResponse(Response):
             router.backend_failure(routed, ctx.error)
             router.observe(ctx, routed, ok=False)
             return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not done:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         self._finished = True
         self._done(routed, ok=True, backend_ok=True)
 

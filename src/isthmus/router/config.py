@@ -19,7 +19,8 @@ Annotated example (every default shown)::
     replicas:
       - {url: "http://10.0.0.5:8000", region: us-west, engine: vllm, gpu: A100, model: Mistral-7B}
       - {url: "http://10.1.0.7:8000", region: germany, gpu: H100, model: Mistral-7B, id: de-big,
-         num_kv_blocks: 20000, max_in_flight: 64}
+         num_kv_blocks: 20000, max_in_flight: 64,
+         kv_events: {endpoint: "tcp://10.1.0.7:5557", encoding: auto, topic: ""}}  # optional
     peers: []                      # regional mode: [{region: germany, url: "http://router.de:8000"}]
     policy: {name: gorgo_proxy, params: {}, seed: 0}
     models: [mistral]              # served model names; any other -> 404
@@ -33,6 +34,8 @@ Annotated example (every default shown)::
     sync_period_s: null            # regional: peer polling period; null = the policy's, else 1 s
     recheck_s: null                # held requests are re-decided this often; null = the policy's, else 20 ms
     block_size: 16                 # tokens per KV block for prompt block hashes
+    tokenizer: null                # a HuggingFace tokenizer.json (or its directory; relative to the working
+                                   # directory); null = the built-in byte-chunk tokenizer
     drain_s: 30.0                  # graceful-shutdown window for in-flight requests
     api_keys: []                   # optional; clients send "Authorization: Bearer KEY"
     api_keys_env: null             # or the name of an environment variable holding comma-separated keys
@@ -42,6 +45,11 @@ Replica ids default to ``<region>-<k>``, numbered per region in file order (as t
 scenarios name them). GPU and model names are checked against the built-in profiles: they give
 each replica's prefill time per token (GORGO's ``t_p``) and, without ``num_kv_blocks`` or an
 engine that reports its KV size, the capacity of the router's prefix mirror.
+
+``kv_events`` subscribes the router to the replica's vLLM KV-cache events (ZMQ PUB/SUB, see
+:mod:`isthmus.router.kv_events`): stored and evicted blocks then correct the router's prefix mirror
+of that replica. ``tokenizer`` makes the router tokenize prompts as an engine double started with
+``--tokenizer`` the same file does, so both compute the same block hashes.
 
 Loading is strict: unknown keys, wrong types, unknown regions, GPUs, models or policies, duplicate
 YAML keys and bad policy parameters fail in :func:`load_config` with a
@@ -141,6 +149,29 @@ class RegionsConfig(_Frozen):
         return out
 
 
+class KvEventsConfig(_Frozen):
+    """Where a replica publishes its KV-cache events.
+
+    Attributes:
+        endpoint: the publisher's ZMQ endpoint to connect to (``tcp://host:port`` or ``ipc://path``).
+        encoding: ``array`` (positional, older vLLM), ``map`` (tagged maps, newer vLLM) or ``auto``
+            (accept either, per message).
+        topic: only messages whose topic frame starts with this prefix are received ("" = all).
+    """
+
+    endpoint: str = Field(min_length=1)
+    encoding: Literal["auto", "array", "map"] = "auto"
+    topic: str = ""
+
+    @field_validator("endpoint")
+    @classmethod
+    def _zmq_endpoint(cls, endpoint: str) -> str:
+        scheme, sep, rest = endpoint.partition("://")
+        if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
+            raise ValueError(f"must be a ZMQ endpoint like tcp://127.0.0.1:5557, got {endpoint!r}")
+        return endpoint
+
+
 class ReplicaConfig(_Frozen):
     """One engine replica.
 
@@ -154,6 +185,7 @@ class ReplicaConfig(_Frozen):
             (``vllm:cache_config_info``), else the profile's.
         max_in_flight: at most this many requests in flight from this router (the view is ``full``).
         api_key: sent upstream as ``Authorization: Bearer`` (client credentials never are).
+        kv_events: subscribe to its KV-cache events (``None``: the mirror is the router's own record).
     """
 
     url: str
@@ -165,6 +197,7 @@ class ReplicaConfig(_Frozen):
     num_kv_blocks: int | None = Field(default=None, ge=1)
     max_in_flight: int | None = Field(default=None, ge=1)
     api_key: SecretStr | None = None
+    kv_events: KvEventsConfig | None = None
 
     @field_validator("url")
     @classmethod
@@ -303,6 +336,7 @@ class RouterConfig(_Frozen):
     sync_period_s: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     recheck_s: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     block_size: int = Field(default=16, ge=1)
+    tokenizer: Path | None = None
     drain_s: float = Field(default=30.0, ge=0.0, allow_inf_nan=False)
     api_keys: tuple[SecretStr, ...] = ()
     api_keys_env: str | None = None
@@ -350,6 +384,8 @@ class RouterConfig(_Frozen):
                     raise FieldError(("regions", "rtt_ms"),
                                      f"no RTT between {self.region!r} and {region!r}, and measure is off; give "
                                      f"rtt_ms: {{{self.region}: {{{region}: ...}}}} or turn measure on")
+        if self.tokenizer is not None and not self.tokenizer.exists():
+            raise FieldError(("tokenizer",), f"no such tokenizer file or directory: {str(self.tokenizer)!r}")
         if self.api_keys_env is not None and not self.api_keys_env.strip():
             raise FieldError(("api_keys_env",), "must name an environment variable")
         return self

@@ -25,6 +25,8 @@ with the simulator's semantics (``isthmus.sim.simulator``):
 - prefix: a router-side :class:`~isthmus.core.snapshot.PrefixIndex` of what was sent where (an LRU of
   each replica's KV size: the config's ``num_kv_blocks``, else ``vllm:cache_config_info``, else the
   profile's), plus, in regional mode, a second one for what this router forwarded to peers' replicas.
+  Replicas with ``kv_events`` configured also correct their part of it from the engine's KV-cache
+  events (:meth:`ClusterState.apply_kv_events`, fed by :mod:`isthmus.router.kv_events`).
 
 All the methods of the state classes are synchronous and O(replicas); the I/O lives in
 :class:`Collectors`, whose tasks never block the loop (every call has a timeout).
@@ -46,6 +48,7 @@ import orjson
 from isthmus.core.perf import builtin_perf_model
 from isthmus.core.snapshot import ClusterSnapshot, InstanceView, NoPrefixInfo, PrefixIndex, PrefixIndexView
 from isthmus.router.config import RouterConfig
+from isthmus.router.kv_events import ClearedBlocks, KvChange, RemovedBlocks, StoredBlocks
 from isthmus.router.reliability import Ejector, Ewma, HealthTracker
 from isthmus.router.scrape import EngineLoad, parse_engine_metrics
 
@@ -336,6 +339,35 @@ class ClusterState:
         index = self.mirror if r.local else self.peer_mirror
         if index is not None:
             index.record(replica_id, block_hashes)
+
+    def apply_kv_events(self, replica_id: str, changes: Sequence[KvChange]) -> None:
+        """Apply one batch of ``replica_id``'s KV-cache events to the mirror, in order.
+
+        Stored runs of the batch are recorded last to first, so that, as for a prompt the router
+        sends, earlier blocks end up the more recent. Nothing happens when the router keeps no
+        mirror or ``replica_id`` is not one of its own replicas. Never blocks.
+        """
+        mirror = self.mirror
+        if mirror is None or not self.keep_prefix or replica_id not in self.local_ids:
+            return
+        stored: list[tuple[int, ...]] = []
+
+        def flush() -> None:
+            for run in reversed(stored):
+                if run:
+                    mirror.record(replica_id, run)
+            stored.clear()
+
+        for c in changes:
+            if isinstance(c, StoredBlocks):
+                stored.append(c.block_hashes)
+                continue
+            flush()
+            if isinstance(c, RemovedBlocks):
+                mirror.remove(replica_id, c.block_hashes)
+            elif isinstance(c, ClearedBlocks):
+                mirror.clear(replica_id)
+        flush()
 
     # ------------------------------------------------------------------ RTT
     def measured_rtt_s(self, region: str) -> float:

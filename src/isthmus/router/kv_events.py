@@ -1,0 +1,351 @@
+"""KV-cache events from the replicas: a ZMQ subscriber per replica that corrects the prefix mirror.
+
+A replica configured with ``kv_events: {endpoint, encoding?, topic?}`` publishes vLLM's KV-cache
+events on a ZMQ PUB socket (vLLM's ``--kv-events-config``, or ``isthmus emulate
+--kv-events-endpoint``). :class:`KvEventSubscriber` connects a SUB socket to it and applies every
+batch to the router's :class:`~isthmus.core.snapshot.PrefixIndex` of that replica through a
+:data:`KvEventSink` (:meth:`isthmus.router.state.ClusterState.apply_kv_events`):
+
+- ``BlockStored`` -> ``record(replica, block_hashes)``: the run's first block the most recent, and
+  the runs of one batch recorded last to first, so a prompt's earlier blocks stay the more recent
+  ones (the order :meth:`PrefixIndex.record` keeps for the router's own records);
+- ``BlockRemoved`` -> ``remove(replica, block_hashes)``;
+- ``AllBlocksCleared`` -> ``clear(replica)``.
+
+Only events for the GPU cache (``medium`` absent, ``None`` or ``"GPU"``) are applied; events for
+other media (CPU offload tiers) and of unknown types are counted and skipped.
+
+Wire format (see :mod:`isthmus.emulator.kv_events` and ``../shared/design/MODELS.md`` §5): multipart
+``[topic, seq, payload]`` with ``seq`` 8 bytes big-endian and ``payload`` one msgpack ``EventBatch``,
+either positional (``[ts, [event, ...], dp_rank]`` with tagged arrays ``["BlockStored",
+block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium]``, ``["BlockRemoved",
+block_hashes, medium]``, ``["AllBlocksCleared"]``) or tagged maps (``{"ts", "events",
+"data_parallel_rank"}`` with events ``{"type": "BlockStored", ...}``). Extra trailing array items and
+extra map keys are accepted. A message that cannot be decoded is counted in
+:attr:`KvEventStats.malformed`, logged with a rate-limited warning and skipped: the loop never dies
+of a bad message.
+
+Reconciliation. PUB/SUB drops silently: a subscriber that joins late misses what was stored before,
+and a slow one may miss batches. Missing sequence numbers are counted (:attr:`KvEventStats.missed`)
+and logged; a sequence number that goes back means the publisher restarted
+(:attr:`KvEventStats.restarts`). Nothing is reset in either case: the router's own records of what
+it sent where stay in the mirror, and events only add precision (they confirm stores, and remove what
+the engine evicted), as MODELS.md §5 prescribes.
+
+Hash compatibility. The mirror is keyed by the router's block hashes
+(:func:`isthmus.core.hashing.hash_token_blocks` over the prompt's token ids, ``block_size`` tokens a
+block). The engine double publishes exactly those values when it tokenizes as the router does (the
+same ``tokenizer`` file, or both the built-in one), so its events and the router's records agree.
+A real vLLM publishes its own block hashes (sha256 of the block's tokens and its parent's hash,
+possibly as bytes); the mirror then learns from its events only if the router's block hashing is
+configured to match vLLM's, which this module does not do (out of scope): such events add entries
+the router never looks up and remove nothing it recorded, so they are harmless but useless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgpack
+
+from isthmus.router.config import KvEventsConfig
+
+log = logging.getLogger("isthmus.router.kv_events")
+
+Encoding = Literal["auto", "array", "map"]
+GPU_MEDIA = (None, "GPU")
+DEFAULT_POLL_S = 0.5
+
+
+class MalformedBatch(ValueError):
+    """A KV event message that cannot be decoded (the message says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlocks:
+    """A run of consecutive blocks entered the replica's cache (first block first)."""
+
+    block_hashes: tuple[int, ...]
+    parent_block_hash: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RemovedBlocks:
+    """Blocks were evicted from the replica's cache."""
+
+    block_hashes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ClearedBlocks:
+    """The replica's whole cache was dropped."""
+
+
+KvChange = StoredBlocks | RemovedBlocks | ClearedBlocks
+KvEventSink = Callable[[str, Sequence[KvChange]], None]
+"""Applies one decoded batch of ``replica_id``'s changes (in order) to the mirror; must not block."""
+
+
+@dataclass(slots=True)
+class KvEventStats:
+    """Counters of one subscriber.
+
+    Attributes:
+        batches: messages decoded and applied.
+        events: events applied (GPU medium, known type).
+        skipped: events ignored (another medium, unknown type).
+        malformed: messages dropped because they could not be decoded.
+        missed: batches lost, from gaps in the sequence numbers.
+        restarts: times the sequence number went back (the publisher restarted).
+        last_seq: the last sequence number seen, ``None`` before the first message.
+    """
+
+    batches: int = 0
+    events: int = 0
+    skipped: int = 0
+    malformed: int = 0
+    missed: int = 0
+    restarts: int = 0
+    last_seq: int | None = None
+
+
+def _often(n: int) -> bool:
+    """Whether the ``n``-th occurrence of something should be logged (1, 10, 100, then every 1000)."""
+    return n in (1, 10, 100) or n % 1000 == 0
+
+
+def _hash(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, bytes | bytearray):  # newer vLLM: raw sha256 digests; never equal to ours
+        return int.from_bytes(value, "big", signed=True)
+    raise MalformedBatch(f"a block hash must be an int or bytes, got {type(value).__name__}")
+
+
+def _hashes(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple):
+        raise MalformedBatch(f"block_hashes must be a list, got {type(value).__name__}")
+    return tuple(_hash(v) for v in value)
+
+
+def _parent(value: Any) -> int | None:
+    return None if value is None else _hash(value)
+
+
+def _event_from_array(e: Any) -> KvChange | None:
+    if not isinstance(e, list | tuple) or not e or not isinstance(e[0], str):
+        raise MalformedBatch("an array-encoded event must be a list starting with its type name")
+    kind = e[0]
+    if kind == "BlockStored":
+        if len(e) < 3:
+            raise MalformedBatch("BlockStored needs block_hashes and parent_block_hash")
+        medium = e[6] if len(e) > 6 else None
+        if medium not in GPU_MEDIA:
+            return None
+        return StoredBlocks(_hashes(e[1]), _parent(e[2]))
+    if kind == "BlockRemoved":
+        if len(e) < 2:
+            raise MalformedBatch("BlockRemoved needs block_hashes")
+        medium = e[2] if len(e) > 2 else None
+        return RemovedBlocks(_hashes(e[1])) if medium in GPU_MEDIA else None
+    if kind == "AllBlocksCleared":
+        return ClearedBlocks()
+    return None
+
+
+def _event_from_map(e: Any) -> KvChange | None:
+    if not isinstance(e, dict) or not isinstance(e.get("type"), str):
+        raise MalformedBatch("a map-encoded event must be a map with a string 'type'")
+    kind = e["type"]
+    if e.get("medium") not in GPU_MEDIA:
+        return None
+    try:
+        if kind == "BlockStored":
+            return StoredBlocks(_hashes(e["block_hashes"]), _parent(e.get("parent_block_hash")))
+        if kind == "BlockRemoved":
+            return RemovedBlocks(_hashes(e["block_hashes"]))
+    except KeyError as exc:
+        raise MalformedBatch(f"{kind} lacks {exc}") from None
+    if kind == "AllBlocksCleared":
+        return ClearedBlocks()
+    return None
+
+
+def decode_batch(payload: bytes, encoding: Encoding = "auto") -> tuple[list[KvChange], int]:
+    """The changes in one msgpack ``EventBatch`` (in order) and the number of events skipped.
+
+    ``encoding`` ``array`` / ``map`` accepts only that encoding; ``auto`` either.
+
+    Raises:
+        MalformedBatch: the payload is not a batch of the accepted encodings.
+    """
+    try:
+        batch = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise MalformedBatch(f"not msgpack: {type(exc).__name__}") from None
+    events: Any
+    decode: Callable[[Any], KvChange | None]
+    if isinstance(batch, list) and encoding != "map":
+        if len(batch) < 2:
+            raise MalformedBatch("an array-encoded batch must be [ts, events, ...]")
+        events, decode = batch[1], _event_from_array
+    elif isinstance(batch, dict) and encoding != "array":
+        events, decode = batch.get("events"), _event_from_map
+    else:
+        raise MalformedBatch(f"a batch must be a {'list or map' if encoding == 'auto' else encoding}, "
+                             f"got {type(batch).__name__}")
+    if not isinstance(events, list):
+        raise MalformedBatch("the batch's events must be a list")
+    out: list[KvChange] = []
+    skipped = 0
+    for e in events:
+        change = decode(e)
+        if change is None:
+            skipped += 1
+        else:
+            out.append(change)
+    return out, skipped
+
+
+class KvEventSubscriber:
+    """One replica's KV-event subscription: a SUB socket and the task that applies what it receives.
+
+    :meth:`start` (from the running loop) connects and starts the task; :meth:`stop` cancels it and
+    closes the socket. ZMQ connects in the background and reconnects by itself, so a publisher that
+    is not up yet, or restarts, needs nothing from here. Every wait is bounded: the task polls the
+    socket ``poll_s`` at a time, and the sink is synchronous.
+    """
+
+    def __init__(self, replica_id: str, config: KvEventsConfig, sink: KvEventSink, *,
+                 poll_s: float = DEFAULT_POLL_S) -> None:
+        self.replica_id = replica_id
+        self.config = config
+        self.stats = KvEventStats()
+        self._sink = sink
+        self._poll_ms = max(1, int(poll_s * 1000))
+        self._sock: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, context: Any) -> None:
+        """Connect a SUB socket of ``context`` (a ``zmq.asyncio.Context``) and start receiving."""
+        import zmq
+
+        sock = context.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.SUBSCRIBE, self.config.topic.encode("utf-8"))
+        sock.connect(self.config.endpoint)
+        self._sock = sock
+        self._task = asyncio.create_task(self._run(), name=f"kv events {self.replica_id}")
+
+    async def stop(self) -> None:
+        """Stop receiving and close the socket (idempotent)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    async def _run(self) -> None:
+        import zmq
+
+        sock = self._sock
+        while True:
+            if not await sock.poll(self._poll_ms, zmq.POLLIN):
+                continue
+            try:
+                frames = await sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            self.handle(frames)
+
+    def handle(self, frames: Sequence[bytes]) -> bool:
+        """Decode and apply one multipart message; return whether it was applied. Never raises
+        for a bad message (it is counted and logged) nor for a failing sink (logged likewise)."""
+        try:
+            if len(frames) != 3:
+                raise MalformedBatch(f"expected 3 frames [topic, seq, payload], got {len(frames)}")
+            _, seq_frame, payload = frames
+            if len(seq_frame) != 8:
+                raise MalformedBatch(f"the sequence frame must be 8 bytes, got {len(seq_frame)}")
+            changes, skipped = decode_batch(bytes(payload), self.config.encoding)
+        except MalformedBatch as exc:
+            self.stats.malformed += 1
+            if _often(self.stats.malformed):
+                log.warning("malformed KV event message from %s dropped (%d so far): %s", self.replica_id,
+                            self.stats.malformed, exc)
+            return False
+        self._sequence(int.from_bytes(seq_frame, "big"))
+        try:
+            self._sink(self.replica_id, changes)
+        except Exception as exc:  # a sink bug must not end the subscription
+            self.stats.malformed += 1
+            if _often(self.stats.malformed):
+                log.warning("KV events of %s could not be applied (%d so far): %s: %s", self.replica_id,
+                            self.stats.malformed, type(exc).__name__, exc)
+            return False
+        self.stats.batches += 1
+        self.stats.events += len(changes)
+        self.stats.skipped += skipped
+        return True
+
+    def _sequence(self, seq: int) -> None:
+        st = self.stats
+        last = st.last_seq
+        st.last_seq = seq
+        if last is None:
+            if seq > 0:
+                log.info("KV events of %s: joined at batch %d; earlier stores are known from the router's "
+                         "own records only", self.replica_id, seq)
+            return
+        if seq > last + 1:
+            st.missed += seq - last - 1
+            log.warning("KV events of %s: %d batches missed (%d so far)", self.replica_id, seq - last - 1,
+                        st.missed)
+        elif seq <= last:
+            st.restarts += 1
+            log.warning("KV events of %s: sequence went back from %d to %d (publisher restarted)",
+                        self.replica_id, last, seq)
+
+
+class KvEventSubscribers:
+    """The subscribers of every replica with ``kv_events`` configured, sharing one ZMQ context."""
+
+    def __init__(self, endpoints: Mapping[str, KvEventsConfig], sink: KvEventSink, *,
+                 poll_s: float = DEFAULT_POLL_S) -> None:
+        self.subscribers: dict[str, KvEventSubscriber] = {
+            rid: KvEventSubscriber(rid, cfg, sink, poll_s=poll_s) for rid, cfg in endpoints.items()}
+        self._context: Any = None
+
+    def start(self) -> None:
+        """Connect every subscriber (call from the running event loop; nothing when there are none)."""
+        if not self.subscribers:
+            return
+        import zmq.asyncio
+
+        self._context = zmq.asyncio.Context()
+        for s in self.subscribers.values():
+            s.start(self._context)
+            log.info("subscribed to the KV events of %s at %s", s.replica_id, s.config.endpoint)
+
+    async def stop(self) -> None:
+        """Stop every subscriber and terminate the context (idempotent)."""
+        for s in self.subscribers.values():
+            await s.stop()
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+
+
+__all__ = [
+    "ClearedBlocks", "KvChange", "KvEventSink", "KvEventStats", "KvEventSubscriber", "KvEventSubscribers",
+    "MalformedBatch", "RemovedBlocks", "StoredBlocks", "decode_batch",
+]

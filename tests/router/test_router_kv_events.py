@@ -1,0 +1,149 @@
+"""The router's KV-event subscriber: engine doubles publishing events (both encodings) correct the
+router's prefix mirror, and bad messages from a publisher never end the subscription."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+from router_harness import Emulator, config, emulators, free_port, replica, running_router, wait_until
+
+from isthmus.core.hashing import hash_token_blocks
+from isthmus.core.tokenizer import ByteChunkTokenizer
+from isthmus.router.kv_events import ClearedBlocks, MalformedBatch, RemovedBlocks, StoredBlocks, decode_batch
+
+ENGINE = ("--model", "Mistral-7B", "--gpu", "A100", "--served-model-name", "m", "--time-scale", "0.01",
+          "--num-gpu-blocks", "64")
+RID = "east-0"
+
+
+def hashes_of(prompt: str) -> tuple[int, ...]:
+    return hash_token_blocks(ByteChunkTokenizer().encode(prompt), 16)
+
+
+def complete(port: int, prompt: str) -> int:
+    """One non-streamed completion of ``prompt`` at ``port``; returns the status."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        c.request("POST", "/v1/completions", json.dumps({"model": "m", "prompt": prompt, "max_tokens": 2}),
+                  {"content-type": "application/json"})
+        r = c.getresponse()
+        r.read()
+        return r.status
+    finally:
+        c.close()
+
+
+def test_decode_batch_accepts_both_encodings_and_extra_fields() -> None:
+    arr = msgpack.packb([1.0, [["BlockStored", [1, 2], None, [5] * 32, 16, None, "GPU", "extra"],
+                               ["BlockStored", [3], None, [5] * 16, 16, None, "CPU"],
+                               ["BlockRemoved", [9], "GPU"], ["Unknown", 1], ["AllBlocksCleared"]], 0, "more"])
+    changes, skipped = decode_batch(arr)
+    assert changes == [StoredBlocks((1, 2)), RemovedBlocks((9,)), ClearedBlocks()]
+    assert skipped == 2
+    mp = msgpack.packb({"ts": 1.0, "events": [
+        {"type": "BlockStored", "block_hashes": [4], "parent_block_hash": 2, "new_field": 1},
+        {"type": "BlockRemoved", "block_hashes": [4], "medium": None}, {"type": "AllBlocksCleared"}],
+        "data_parallel_rank": 0, "other": True})
+    assert decode_batch(mp) == ([StoredBlocks((4,), 2), RemovedBlocks((4,)), ClearedBlocks()], 0)
+    for bad in (b"\xc1", msgpack.packb(3), msgpack.packb([1.0, [["BlockStored", "x", None]]]),
+                msgpack.packb({"events": [{"block_hashes": [1]}]})):
+        with pytest.raises(MalformedBatch):
+            decode_batch(bad)
+    with pytest.raises(MalformedBatch):
+        decode_batch(mp, "array")
+
+
+def wait_joined(emu: Emulator, rt: Any, tag: str) -> None:
+    """Send distinct prompts straight to the engine until the subscriber has received a batch
+    (a ZMQ subscriber joins asynchronously and misses what was published before)."""
+    subs = rt.router.kv_events.subscribers[RID]
+    for k in range(50):
+        assert complete(emu.port, f"warm-up {tag} {k} " * 8) == 200
+        if wait_until(lambda: subs.stats.batches > 0, timeout=0.2):
+            return
+    raise AssertionError("the subscriber received no KV events")
+
+
+@pytest.mark.parametrize("encoding", ["array", "map"])
+def test_kv_events_keep_the_mirror_in_step_with_the_engine(tmp_path: Path, encoding: str) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with emulators(tmp_path, 1, *ENGINE, "--kv-events-endpoint", endpoint,
+                   "--kv-events-encoding", encoding) as (emu,):
+        # a huge fixed mirror capacity: only the engine's events can make the mirror forget a block
+        rep = replica(emu.url, num_kv_blocks=100_000, kv_events={"endpoint": endpoint, "encoding": encoding})
+        with running_router(config([rep], policy="gorgo_proxy", regions={"measure": False})) as rt:
+            state = rt.router.state
+            wait_joined(emu, rt, encoding)
+            subs = rt.router.kv_events.subscribers[RID]
+
+            # served through the router: recorded by the router and confirmed by the engine's events
+            served = "A prompt the router serves and the engine later evicts. " * 12
+            h_served = hashes_of(served)
+            assert len(h_served) >= 10
+            assert complete(rt.port, served) == 200
+            assert state.matched_blocks(h_served, RID) == len(h_served)
+
+            # sent straight to the engine: the mirror learns it from BlockStored only
+            direct = "Another prompt the router never saw, sent to the engine directly. " * 6
+            h_direct = hashes_of(direct)
+            assert complete(emu.port, direct) == 200
+            assert wait_until(lambda: state.matched_blocks(h_direct, RID) == len(h_direct), timeout=5)
+
+            # fill the engine's 64 blocks with other prompts: the engine evicts the served prompt
+            # (BlockRemoved); the router's own record alone would still claim it
+            for k in range(4):
+                assert complete(emu.port, f"Filler prompt number {k} to push the cache over. " * 30) == 200
+            assert wait_until(lambda: state.matched_blocks(h_served, RID) == 0, timeout=5)
+
+            # reset the engine's prefix cache: AllBlocksCleared empties the mirror of that replica
+            assert complete(rt.port, served) == 200
+            assert state.matched_blocks(h_served, RID) == len(h_served)
+            assert emu.call("POST", "/reset_prefix_cache")[0] == 200
+            assert wait_until(lambda: state.mirror is not None and len(state.mirror) == 0, timeout=5)
+            assert state.matched_blocks(h_served, RID) == 0
+            assert subs.stats.malformed == 0 and subs.stats.events > 0
+
+
+def test_malformed_messages_do_not_stop_the_subscriber() -> None:
+    port = free_port()
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(f"tcp://127.0.0.1:{port}")
+    try:
+        dead = f"http://127.0.0.1:{free_port()}"  # no engine there: only the events matter
+        rep = replica(dead, num_kv_blocks=1000, kv_events={"endpoint": f"tcp://127.0.0.1:{port}"})
+        with running_router(config([rep], policy="gorgo_proxy", regions={"measure": False})) as rt:
+            state = rt.router.state
+            subs = rt.router.kv_events.subscribers[RID]
+
+            def batch(seq: int, events: list[Any]) -> list[bytes]:
+                return [b"", seq.to_bytes(8, "big"), msgpack.packb([time.time(), events, 0])]
+
+            # the subscriber joins asynchronously: repeat the first batch until it lands
+            deadline = time.monotonic() + 10
+            while state.matched_blocks([1, 2, 3], RID) < 3:
+                assert time.monotonic() < deadline, "the subscriber received nothing"
+                pub.send_multipart(batch(0, [["BlockStored", [1, 2, 3], None, [], 16, None, "GPU"]]))
+                time.sleep(0.05)
+            received = subs.stats.batches
+            pub.send_multipart([b"only two", b"frames"])
+            pub.send_multipart([b"", b"short", b"x"])
+            pub.send_multipart([b"", (1).to_bytes(8, "big"), b"\xc1 not msgpack"])
+            pub.send_multipart([b"", (2).to_bytes(8, "big"), msgpack.packb({"events": "nope"})])
+            pub.send_multipart(batch(5, [["BlockRemoved", [2, 3], "GPU"], ["BlockStored", [7, 8], None]]))
+            assert wait_until(lambda: state.matched_blocks([7, 8], RID) == 2, timeout=5)
+            assert state.matched_blocks([1, 2, 3], RID) == 1
+            assert subs.stats.malformed == 4
+            assert subs.stats.batches == received + 1
+            assert subs.stats.missed == 4  # 1..4 never arrived as valid batches
+    finally:
+        pub.close()
+        ctx.term()
