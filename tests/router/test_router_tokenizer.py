@@ -88,3 +88,18 @@ def test_router_and_engines_hash_prompts_with_the_same_tokenizer_file(tmp_path: 
         assert second["x-isthmus-target"] == "east-1"
         hits = holder.metric("vllm:prefix_cache_hits_total") - hits_before
         assert hits >= (len(ids) // 16 - 1) * 16  # the engine found the blocks the router expected
+
+
+def test_a_relative_tokenizer_path_is_read_beside_the_config(tmp_path, monkeypatch) -> None:
+    from isthmus.router.config import load_config
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "tok.json").write_text("{}")
+    cfg = tmp_path / "conf" / "router.yaml"
+    cfg.write_text(
+        "region: a\nmodels: [m]\ntokenizer: tok.json\n"
+        "replicas: [{url: 'http://127.0.0.1:9', region: a, gpu: A100, model: Mistral-7B}]\n"
+        "policy: least_load\n"
+    )
+    monkeypatch.chdir(tmp_path)  # the working directory does not hold tok.json
+    assert load_config(cfg).tokenizer == tmp_path / "conf" / "tok.json"

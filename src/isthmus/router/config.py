@@ -34,8 +34,8 @@ Annotated example (every default shown)::
     sync_period_s: null            # regional: peer polling period; null = the policy's, else 1 s
     recheck_s: null                # held requests are re-decided this often; null = the policy's, else 20 ms
     block_size: 16                 # tokens per KV block for prompt block hashes
-    tokenizer: null                # a HuggingFace tokenizer.json (or its directory; relative to the working
-                                   # directory); null = the built-in byte-chunk tokenizer
+    tokenizer: null                # a HuggingFace tokenizer.json (or its directory; relative to this
+                                   # file's directory); null = the built-in byte-chunk tokenizer
     drain_s: 30.0                  # graceful-shutdown window for in-flight requests
     api_keys: []                   # optional; clients send "Authorization: Bearer KEY"
     api_keys_env: null             # or the name of an environment variable holding comma-separated keys
@@ -453,6 +453,9 @@ def load_config(path: str | Path, registry: PolicyRegistry | None = None) -> Rou
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a router config must be a YAML mapping, got {type(data).__name__}")
     try:
+        tok = data.get("tokenizer")
+        if isinstance(tok, str) and not Path(tok).is_absolute():
+            data["tokenizer"] = str(path.parent / tok)  # relative to the config file, like scenario paths
         config = RouterConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, path, lines)) from None
