@@ -26,16 +26,10 @@ from isthmus.emulator.config import EmulatorConfig, FaultSpec
 from isthmus.emulator.engine import EngineDouble, Generation
 from isthmus.emulator.faults import FaultState, fault_spec_from_json
 from isthmus.emulator.filler import FillerText
-from isthmus.emulator.kv_events import (
-    AllBlocksCleared,
-    BlockRemoved,
-    BlockStored,
-    KvCacheWatcher,
-    KvEventPublisher,
-    encode_batch,
-)
+from isthmus.emulator.kv_events import KvCacheWatcher, KvEventPublisher
 from isthmus.emulator.openai_api import ApiError, parse_generation
 from isthmus.engine.replica import Replica
+from isthmus.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, encode_batch
 
 TOK = ByteChunkTokenizer()
 PERF = builtin_perf_model("A100", "Mistral-7B")

@@ -16,7 +16,7 @@ from router_harness import Emulator, config, emulators, free_port, replica, runn
 
 from isthmus.core.hashing import hash_token_blocks
 from isthmus.core.tokenizer import ByteChunkTokenizer
-from isthmus.router.kv_events import ClearedBlocks, MalformedBatch, RemovedBlocks, StoredBlocks, decode_batch
+from isthmus.kv_events import ClearedBlocks, MalformedBatch, RemovedBlocks, StoredBlocks, decode_batch
 
 ENGINE = ("--model", "Mistral-7B", "--gpu", "A100", "--served-model-name", "m", "--time-scale", "0.01",
           "--num-gpu-blocks", "64")

@@ -1,34 +1,6 @@
 """vLLM's KV-cache events over ZMQ: what the engine double's prefix cache stores and evicts.
 
-Wire format (as vLLM's ``vllm/distributed/kv_events.py`` publishes it): each message is a ZMQ
-multipart ``[topic, seq, payload]`` where ``topic`` is the configured topic (UTF-8, empty by
-default), ``seq`` the batch's sequence number as 8 bytes big-endian (0, 1, 2, ... per publisher) and
-``payload`` one msgpack-encoded ``EventBatch``. One batch is sent per engine step that changed the
-cache. Two encodings, chosen by ``--kv-events-encoding``:
-
-``array`` (vLLM before the map change; msgspec ``array_like`` structs with a tag)::
-
-    [ts, [event, ...], data_parallel_rank]
-    ["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium]
-    ["BlockRemoved", block_hashes, medium]
-    ["AllBlocksCleared"]
-
-``map`` (newer vLLM; tagged maps, tag field ``"type"``)::
-
-    {"ts": ts, "events": [event, ...], "data_parallel_rank": 0}
-    {"type": "BlockStored", "block_hashes": [...], "parent_block_hash": h | None, "token_ids": [...],
-     "block_size": 16, "lora_id": None, "medium": "GPU", "lora_name": None}
-    {"type": "BlockRemoved", "block_hashes": [...], "medium": "GPU"}
-    {"type": "AllBlocksCleared"}
-
-``ts`` is the Unix time in seconds (float). Block hashes are the engine's chained hashes
-(:func:`isthmus.core.hashing.hash_token_blocks` over the request's token ids, signed 64-bit ints),
-so a router that tokenizes the same way computes the same values. ``parent_block_hash`` is ``None``
-for a prompt's first block, as in vLLM. A ``BlockStored`` carries a run of consecutive blocks of one
-prompt and their ``len(block_hashes) * block_size`` tokens; ``BlockRemoved`` is sent when a cached
-block is evicted to be reused; ``AllBlocksCleared`` when the whole cache was reset
-(``POST /reset_prefix_cache`` with nothing running). Only prompt blocks are cached, so only they
-appear. A late subscriber misses what was sent before it joined (ZMQ PUB/SUB).
+Wire format: :mod:`isthmus.kv_events` (shared with the router's subscriber).
 
 The engine model has no event hook, so :class:`KvCacheWatcher` diffs the block pool's set of cached
 hashes after each step: exact as to the resulting state (a block evicted and stored again within one
@@ -39,74 +11,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import KeysView, Sequence
-from dataclasses import dataclass
 from typing import Any
-
-import msgpack
 
 from isthmus.core.hashing import ROOT_HASH
 from isthmus.emulator.config import KvEventsEncoding
 from isthmus.engine.kv_cache import BlockPool
+from isthmus.kv_events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KvEvent,
+    encode_batch,
+)
 
 log = logging.getLogger(__name__)
-
-MEDIUM_GPU = "GPU"
-
-
-@dataclass(frozen=True, slots=True)
-class BlockStored:
-    """Consecutive blocks of one prompt entered the cache."""
-
-    block_hashes: tuple[int, ...]
-    parent_block_hash: int | None
-    token_ids: tuple[int, ...]
-    block_size: int
-
-
-@dataclass(frozen=True, slots=True)
-class BlockRemoved:
-    """Cached blocks were evicted."""
-
-    block_hashes: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class AllBlocksCleared:
-    """Every cached block was dropped."""
-
-
-KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
-
-
-def _event_array(e: KvEvent) -> list[Any]:
-    if isinstance(e, BlockStored):
-        return ["BlockStored", list(e.block_hashes), e.parent_block_hash, list(e.token_ids), e.block_size, None,
-                MEDIUM_GPU]
-    if isinstance(e, BlockRemoved):
-        return ["BlockRemoved", list(e.block_hashes), MEDIUM_GPU]
-    return ["AllBlocksCleared"]
-
-
-def _event_map(e: KvEvent) -> dict[str, Any]:
-    if isinstance(e, BlockStored):
-        return {"type": "BlockStored", "block_hashes": list(e.block_hashes), "parent_block_hash": e.parent_block_hash,
-                "token_ids": list(e.token_ids), "block_size": e.block_size, "lora_id": None, "medium": MEDIUM_GPU,
-                "lora_name": None}
-    if isinstance(e, BlockRemoved):
-        return {"type": "BlockRemoved", "block_hashes": list(e.block_hashes), "medium": MEDIUM_GPU}
-    return {"type": "AllBlocksCleared"}
-
-
-def encode_batch(events: Sequence[KvEvent], ts: float, encoding: KvEventsEncoding,
-                 data_parallel_rank: int = 0) -> bytes:
-    """One ``EventBatch`` as msgpack bytes, in the given encoding (module docstring)."""
-    if encoding == "array":
-        doc: Any = [ts, [_event_array(e) for e in events], data_parallel_rank]
-    else:
-        doc = {"ts": ts, "events": [_event_map(e) for e in events], "data_parallel_rank": data_parallel_rank}
-    packed: bytes = msgpack.packb(doc, use_bin_type=True)
-    return packed
-
 
 class KvEventPublisher:
     """A ZMQ PUB socket sending event batches; created by :meth:`open`, closed by :meth:`close`.

@@ -15,7 +15,7 @@ batch to the router's :class:`~isthmus.core.snapshot.PrefixIndex` of that replic
 Only events for the GPU cache (``medium`` absent, ``None`` or ``"GPU"``) are applied; events for
 other media (CPU offload tiers) and of unknown types are counted and skipped.
 
-Wire format (see :mod:`isthmus.emulator.kv_events` and ``../shared/design/MODELS.md`` §5): multipart
+Wire format (see :mod:`isthmus.kv_events` and ``../shared/design/MODELS.md`` §5): multipart
 ``[topic, seq, payload]`` with ``seq`` 8 bytes big-endian and ``payload`` one msgpack ``EventBatch``,
 either positional (``[ts, [event, ...], dp_rank]`` with tagged arrays ``["BlockStored",
 block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium]``, ``["BlockRemoved",
@@ -49,44 +49,23 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-import msgpack
-
+from isthmus.kv_events import (
+    ClearedBlocks,
+    KvChange,
+    MalformedBatch,
+    RemovedBlocks,
+    StoredBlocks,
+    decode_batch,
+)
 from isthmus.router.config import KvEventsConfig
 
 log = logging.getLogger("isthmus.router.kv_events")
 
-Encoding = Literal["auto", "array", "map"]
-GPU_MEDIA = (None, "GPU")
 DEFAULT_POLL_S = 0.5
 
 
-class MalformedBatch(ValueError):
-    """A KV event message that cannot be decoded (the message says why)."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoredBlocks:
-    """A run of consecutive blocks entered the replica's cache (first block first)."""
-
-    block_hashes: tuple[int, ...]
-    parent_block_hash: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RemovedBlocks:
-    """Blocks were evicted from the replica's cache."""
-
-    block_hashes: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ClearedBlocks:
-    """The replica's whole cache was dropped."""
-
-
-KvChange = StoredBlocks | RemovedBlocks | ClearedBlocks
 KvEventSink = Callable[[str, Sequence[KvChange]], None]
 """Applies one decoded batch of ``replica_id``'s changes (in order) to the mirror; must not block."""
 
@@ -117,99 +96,6 @@ class KvEventStats:
 def _often(n: int) -> bool:
     """Whether the ``n``-th occurrence of something should be logged (1, 10, 100, then every 1000)."""
     return n in (1, 10, 100) or n % 1000 == 0
-
-
-def _hash(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, bytes | bytearray):  # newer vLLM: raw sha256 digests; never equal to ours
-        return int.from_bytes(value, "big", signed=True)
-    raise MalformedBatch(f"a block hash must be an int or bytes, got {type(value).__name__}")
-
-
-def _hashes(value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list | tuple):
-        raise MalformedBatch(f"block_hashes must be a list, got {type(value).__name__}")
-    return tuple(_hash(v) for v in value)
-
-
-def _parent(value: Any) -> int | None:
-    return None if value is None else _hash(value)
-
-
-def _event_from_array(e: Any) -> KvChange | None:
-    if not isinstance(e, list | tuple) or not e or not isinstance(e[0], str):
-        raise MalformedBatch("an array-encoded event must be a list starting with its type name")
-    kind = e[0]
-    if kind == "BlockStored":
-        if len(e) < 3:
-            raise MalformedBatch("BlockStored needs block_hashes and parent_block_hash")
-        medium = e[6] if len(e) > 6 else None
-        if medium not in GPU_MEDIA:
-            return None
-        return StoredBlocks(_hashes(e[1]), _parent(e[2]))
-    if kind == "BlockRemoved":
-        if len(e) < 2:
-            raise MalformedBatch("BlockRemoved needs block_hashes")
-        medium = e[2] if len(e) > 2 else None
-        return RemovedBlocks(_hashes(e[1])) if medium in GPU_MEDIA else None
-    if kind == "AllBlocksCleared":
-        return ClearedBlocks()
-    return None
-
-
-def _event_from_map(e: Any) -> KvChange | None:
-    if not isinstance(e, dict) or not isinstance(e.get("type"), str):
-        raise MalformedBatch("a map-encoded event must be a map with a string 'type'")
-    kind = e["type"]
-    if e.get("medium") not in GPU_MEDIA:
-        return None
-    try:
-        if kind == "BlockStored":
-            return StoredBlocks(_hashes(e["block_hashes"]), _parent(e.get("parent_block_hash")))
-        if kind == "BlockRemoved":
-            return RemovedBlocks(_hashes(e["block_hashes"]))
-    except KeyError as exc:
-        raise MalformedBatch(f"{kind} lacks {exc}") from None
-    if kind == "AllBlocksCleared":
-        return ClearedBlocks()
-    return None
-
-
-def decode_batch(payload: bytes, encoding: Encoding = "auto") -> tuple[list[KvChange], int]:
-    """The changes in one msgpack ``EventBatch`` (in order) and the number of events skipped.
-
-    ``encoding`` ``array`` / ``map`` accepts only that encoding; ``auto`` either.
-
-    Raises:
-        MalformedBatch: the payload is not a batch of the accepted encodings.
-    """
-    try:
-        batch = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise MalformedBatch(f"not msgpack: {type(exc).__name__}") from None
-    events: Any
-    decode: Callable[[Any], KvChange | None]
-    if isinstance(batch, list) and encoding != "map":
-        if len(batch) < 2:
-            raise MalformedBatch("an array-encoded batch must be [ts, events, ...]")
-        events, decode = batch[1], _event_from_array
-    elif isinstance(batch, dict) and encoding != "array":
-        events, decode = batch.get("events"), _event_from_map
-    else:
-        raise MalformedBatch(f"a batch must be a {'list or map' if encoding == 'auto' else encoding}, "
-                             f"got {type(batch).__name__}")
-    if not isinstance(events, list):
-        raise MalformedBatch("the batch's events must be a list")
-    out: list[KvChange] = []
-    skipped = 0
-    for e in events:
-        change = decode(e)
-        if change is None:
-            skipped += 1
-        else:
-            out.append(change)
-    return out, skipped
 
 
 class KvEventSubscriber:

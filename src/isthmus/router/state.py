@@ -47,8 +47,8 @@ import orjson
 
 from isthmus.core.perf import builtin_perf_model
 from isthmus.core.snapshot import ClusterSnapshot, InstanceView, NoPrefixInfo, PrefixIndex, PrefixIndexView
+from isthmus.kv_events import ClearedBlocks, KvChange, RemovedBlocks, StoredBlocks
 from isthmus.router.config import RouterConfig
-from isthmus.router.kv_events import ClearedBlocks, KvChange, RemovedBlocks, StoredBlocks
 from isthmus.router.reliability import Ejector, Ewma, HealthTracker
 from isthmus.router.scrape import EngineLoad, parse_engine_metrics
 
