@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from isthmus.core.errors import ConfigError
+from isthmus.core.errors import ConfigError, UnknownProfileError
+from isthmus.core.perf import gpu_spec, model_spec
 
 Loc = tuple[str | int, ...]
 
@@ -141,3 +142,19 @@ def format_validation_error(exc: ValidationError, source: Path | None, lines: Ma
     if len(errors) > limit:
         parts.append(f"... and {len(errors) - limit} more")
     return "; ".join(parts)
+
+
+def gpu_name(name: str) -> str:
+    """The built-in GPU profile's canonical name for ``name`` (aliases accepted); ``ValueError`` if none."""
+    try:
+        return gpu_spec(name).name
+    except UnknownProfileError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def model_name(name: str) -> str:
+    """The built-in model profile's canonical name for ``name``; ``ValueError`` if none."""
+    try:
+        return model_spec(name).name
+    except UnknownProfileError as exc:
+        raise ValueError(str(exc)) from None

@@ -16,8 +16,8 @@ chunked prefill (vLLM v1's default) a new prompt shares each step with the runni
 are decoding: they delay it only by their decode work in the ``ceil(L_p / budget)`` steps its
 prefill spans. In the roofline model that is ``k_d * ctx`` per running request and step against
 ``t_p`` per prompt token, so the equivalent weight is ``q_hat ~ ceil(L_p / budget) * k_d / t_p``:
-about 0.004 for an 8k-token prompt on Mistral-7B / A100-80GB (``k_d`` ~ 0.1 µs per context token,
-``t_p`` ~ 0.12 ms per token). The paper's 0.5 / 1 fit an engine that runs prefills on their own.
+about 0.003 for an 8k-token prompt on Mistral-7B / A100-80GB (``k_d`` ~ 0.1 µs per context token,
+``t_p`` ~ 0.14 ms per token at that length). The paper's 0.5 / 1 fit an engine that runs prefills on their own.
 """
 
 from __future__ import annotations
@@ -33,7 +33,13 @@ import numpy as np
 from isthmus.core.policy import CostBreakdown, Decision, Outcome
 from isthmus.core.request import Request
 from isthmus.core.snapshot import ClusterSnapshot, InstanceView
-from isthmus.policies._support import check_non_negative, check_positive, parse_params, prefill_s_per_token
+from isthmus.policies._support import (
+    check_non_negative,
+    check_positive,
+    parse_params,
+    prefill_s_per_token,
+    uncached_tokens,
+)
 
 # GORGO's fit for Mistral-7B on an A100 under SGLang: TTFT ~ 150.72 ms + 0.0938 ms x prompt tokens.
 _GORGO_T_P_S = 0.0938e-3
@@ -114,15 +120,12 @@ class GorgoProxyPolicy:
         best_cost = math.inf
         best_terms = (math.nan, math.nan, math.nan)
         for v in cands:
-            t_p = override if override is not None else v.prefill_s_per_token
-            if t_p != t_p:  # nan: profile unknown
-                t_p = fallback
+            t_p = prefill_s_per_token(v, override, fallback)
             net = rtts.get(v.region)
             if net is None:
                 net = rtts[v.region] = rtt_s(origin, v.region)
-            uncached = lp - matched.get(v.id, 0) * bs
             queue = t_p * (q_hat * v.running_tokens + v.queued_prefill_tokens)
-            prefill = t_p * uncached if uncached > 0 else 0.0
+            prefill = t_p * uncached_tokens(lp, matched.get(v.id, 0), bs)
             cost = queue + prefill + net
             if cost < best_cost:
                 best, best_cost, best_terms = v, cost, (net, queue, prefill)
@@ -263,12 +266,9 @@ class GorgoPolicy:
                 continue
             if not v.healthy or v.full:
                 continue
-            t_p = override if override is not None else v.prefill_s_per_token
-            if t_p != t_p:  # nan: profile unknown
-                t_p = fallback
-            uncached = lp - matched.get(v.id, 0) * bs
+            t_p = prefill_s_per_token(v, override, fallback)
             queue = t_p * (q_hat * v.running_tokens + v.queued_prefill_tokens)
-            prefill = t_p * uncached if uncached > 0 else 0.0
+            prefill = t_p * uncached_tokens(lp, matched.get(v.id, 0), bs)
             cost = queue + prefill
             if cost < local_cost:
                 local_cost = cost
@@ -314,8 +314,7 @@ class GorgoPolicy:
                         break
                     unseen += tokens
             queue = t_p * (q_hat * v.running_tokens + v.queued_prefill_tokens + unseen) if p.peer_queue else 0.0
-            uncached = lp - matched.get(v.id, 0) * bs
-            prefill = t_p * uncached if uncached > 0 else 0.0
+            prefill = t_p * uncached_tokens(lp, matched.get(v.id, 0), bs)
             cost = hop + queue + prefill
             if cost < peer_cost:
                 peer_best, peer_best_id, peer_cost, peer_terms = region, v.id, cost, (hop, queue, prefill)

@@ -76,9 +76,9 @@ from pydantic import (
     model_validator,
 )
 
-from isthmus.configfile import FieldError, format_validation_error, read_yaml, where
+from isthmus.configfile import FieldError, format_validation_error, gpu_name, model_name, read_yaml, where
 from isthmus.core.errors import ConfigError, IsthmusError, UnknownProfileError
-from isthmus.core.perf import builtin_perf_model, gpu_spec, model_spec
+from isthmus.core.perf import builtin_perf_model
 from isthmus.core.policy import Policy, PolicyRegistry
 
 DEFAULT_RECHECK_S = 0.02
@@ -207,18 +207,12 @@ class ReplicaConfig(_Frozen):
     @field_validator("gpu")
     @classmethod
     def _known_gpu(cls, name: str) -> str:
-        try:
-            return gpu_spec(name).name
-        except UnknownProfileError as exc:
-            raise ValueError(str(exc)) from None
+        return gpu_name(name)
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        try:
-            return model_spec(name).name
-        except UnknownProfileError as exc:
-            raise ValueError(str(exc)) from None
+        return model_name(name)
 
 
 class PeerConfig(_Frozen):

@@ -26,10 +26,18 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from isthmus.configfile import FieldError, Loc, format_validation_error, read_yaml, where
+from isthmus.configfile import (
+    FieldError,
+    Loc,
+    format_validation_error,
+    gpu_name,
+    model_name,
+    read_yaml,
+    where,
+)
 from isthmus.core.errors import ConfigError, IsthmusError, UnknownProfileError
 from isthmus.core.instance import InstanceSpec
-from isthmus.core.perf import builtin_perf_model, gpu_spec, model_spec
+from isthmus.core.perf import builtin_perf_model, gpu_spec
 from isthmus.core.policy import Policy, PolicyRegistry
 from isthmus.core.request import Request
 from isthmus.core.topology import Topology
@@ -187,18 +195,12 @@ class ReplicaGroup(_Frozen):
     @field_validator("gpu")
     @classmethod
     def _known_gpu(cls, name: str) -> str:
-        try:
-            return gpu_spec(name).name
-        except UnknownProfileError as exc:
-            raise FieldError((), str(exc)) from None
+        return gpu_name(name)
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        try:
-            return model_spec(name).name
-        except UnknownProfileError as exc:
-            raise FieldError((), str(exc)) from None
+        return model_name(name)
 
     @model_validator(mode="after")
     def _fits(self) -> ReplicaGroup:
