@@ -36,6 +36,12 @@ def test_decode_inverts_encode(text: str, k: int) -> None:
     assert len(ids) == -(-len(text.encode()) // k)
 
 
+@given(st.text(max_size=300), st.integers(min_value=1, max_value=7))
+def test_count_is_the_number_of_ids(text: str, k: int) -> None:
+    tok = ByteChunkTokenizer(k)
+    assert tok.count(text) == len(tok.encode(text))
+
+
 @given(st.text(min_size=1, max_size=200), st.text(max_size=100), st.text(max_size=100))
 def test_shared_text_prefix_gives_shared_tokens_and_block_hashes(prefix: str, a: str, b: str) -> None:
     shared = len(prefix.encode()) // 4

@@ -87,6 +87,10 @@ class ByteChunkTokenizer:
             ids.append(self.token_id(data[full:]))
         return ids
 
+    def count(self, text: str) -> int:
+        """``len(self.encode(text))``, without building the ids."""
+        return -(-len(text.encode("utf-8")) // self.chunk_bytes)
+
     def token_id(self, chunk: bytes) -> int:
         """The id of one chunk of 1 to ``chunk_bytes`` bytes."""
         if not 1 <= len(chunk) <= self.chunk_bytes:

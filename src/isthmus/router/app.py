@@ -22,6 +22,10 @@ Life of ``POST /v1/completions`` or ``/v1/chat/completions``:
 6. the outcome (TTFT at the router, end to end, success) goes to ``policy.observe`` and to the
    metrics. A client that disconnects cancels the upstream request at once.
 
+The two proxied routes are served by a plain ASGI callable in front of Starlette (which serves
+the other endpoints), and upstream exchanges go through :mod:`.upstream`'s pooled HTTP/1.1 client:
+the request path does no per-request framework work beyond uvicorn's own.
+
 Answers carry ``x-request-id`` (the client's, else a new one), and relayed ones also
 ``x-isthmus-target`` (replica id), ``x-isthmus-region``, ``x-isthmus-cost-ms`` (the policy's total
 estimate) and ``x-isthmus-reason``. Hop-by-hop headers are stripped both ways; the client's
@@ -35,14 +39,13 @@ Other endpoints: ``GET /v1/models``, ``GET /health``,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import math
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -51,10 +54,10 @@ import aiohttp
 import numpy as np
 import orjson
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from isthmus.core.policy import Decision, Outcome, Policy, PolicyRegistry, uses_prefix
 from isthmus.core.request import Request as RoutedRequest
@@ -74,6 +77,15 @@ from isthmus.router.metrics import RouterMetrics
 from isthmus.router.prompt import BadRequest, PromptInfo, parse_request
 from isthmus.router.reliability import RetryBudget, backoff_s
 from isthmus.router.state import ClusterState, Collectors, Dispatch, PeerState, ReplicaState
+from isthmus.router.upstream import (
+    Origin,
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 from isthmus.tokenizer_file import load_tokenizer
 
 log = logging.getLogger("isthmus.router")
@@ -86,8 +98,14 @@ _HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer",
     "transfer-encoding", "upgrade",
 })
-_NOT_UPSTREAM = _HOP_BY_HOP | {"host", "content-length", "authorization", "cookie", "expect"}
-_NOT_DOWNSTREAM = _HOP_BY_HOP | {"content-length", "server", "date", "set-cookie"}
+_NOT_UPSTREAM = frozenset(n.encode() for n in _HOP_BY_HOP | {
+    "host", "content-length", "content-type", "authorization", "cookie", "expect", "x-request-id"})
+_NOT_DOWNSTREAM = frozenset(n.encode() for n in _HOP_BY_HOP | {
+    "content-length", "server", "date", "set-cookie", "x-request-id"})
+PROXY_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+# request header fields the router itself reads
+_READ = frozenset({b"authorization", b"content-length", b"x-request-id", HOPS_HEADER.encode(),
+                   ORIGIN_HEADER.encode(), b"connection"})
 _RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # new request ids: 128 random bits from a generator seeded once from the OS (no system call per request)
@@ -103,10 +121,13 @@ def _header_value(text: str) -> bytes:
     return clean.encode("latin-1")
 
 
-def _connection_tokens(headers: Mapping[str, str] | Any) -> frozenset[str]:
-    """Header names listed in ``Connection`` (hop-by-hop by declaration)."""
-    value = headers.get("connection", "")
-    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+def _connection_tokens(value: bytes) -> frozenset[bytes]:
+    """Header names listed in a ``Connection`` value (hop-by-hop by declaration), lower case."""
+    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request body was read."""
 
 
 @dataclass(slots=True)
@@ -156,7 +177,7 @@ class RequestContext:
     routed_request: RoutedRequest
     hops: int
     arrival: float
-    upstream_headers: dict[str, str]
+    upstream_head: bytes
     attempts: int = 0
     status: int = 0
     ttft_s: float = math.nan
@@ -223,16 +244,13 @@ class Router:
             [config.region, *(r.region for r in config.replicas), *(p.region for p in config.peers)])
         self._keys = tuple(k.encode() for k in config.accepted_api_keys())
         self.active = 0
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: UpstreamPool | None = None
+        self._origins: dict[str, Origin] = {}
         self._control: aiohttp.ClientSession | None = None
         self.collectors: Collectors | None = None
         events = {rid: rc.kv_events for rid, rc in zip(config.replica_ids, config.replicas, strict=True)
                   if rc.kv_events is not None} if self.keep_prefix else {}
         self.kv_events = KvEventSubscribers(events, self.state.apply_kv_events)
-        c = config.timeouts
-        self._timeout_stream = aiohttp.ClientTimeout(total=c.total_s, connect=c.connect_s, sock_connect=c.connect_s,
-                                                     sock_read=c.idle_s)
-        self._timeout_plain = aiohttp.ClientTimeout(total=c.total_s, connect=c.connect_s, sock_connect=c.connect_s)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -249,11 +267,7 @@ class Router:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Open the upstream connection pools and start the collectors."""
-        limit = self.config.limits.max_concurrent
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=30.0),
-            auto_decompress=False, skip_auto_headers=("User-Agent",), raise_for_status=False,
-        )
+        self.pool = UpstreamPool(keepalive_s=30.0, clock=self.clock)
         # probes, scrapes and polls have a pool of their own, so a saturated data path cannot delay them
         self._control = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0))
         self.collectors = Collectors(self.state, self._control, sync_period_s=self.sync_period_s)
@@ -269,35 +283,35 @@ class Router:
         if self.collectors is not None:
             await self.collectors.stop()
         await self.kv_events.stop()
-        for s in (self.session, self._control):
-            if s is not None:
-                await s.close()
+        if self.pool is not None:
+            self.pool.close()
+        if self._control is not None:
+            await self._control.close()
         log.info("router stopped")
 
     # ------------------------------------------------------------------ admission
-    def _check_key(self, request: Request) -> None:
+    def _check_key(self, authorization: bytes) -> None:
         if not self._keys:
             return
-        auth = request.headers.get("authorization", "")
-        scheme, _, given = auth.partition(" ")
-        token = given.strip().encode() if scheme.lower() == "bearer" else b""
+        scheme, _, given = authorization.partition(b" ")
+        token = given.strip() if scheme.lower() == b"bearer" else b""
         ok = False
         for key in self._keys:  # every key is compared, whatever matched: constant time in the key
             ok |= hmac.compare_digest(token, key)
         if not ok:
             raise unauthorized()
 
-    def _request_id(self, request: Request) -> str:
-        given = request.headers.get("x-request-id")
-        if given is not None and _REQUEST_ID.match(given):
-            return given
+    def _request_id(self, given: bytes | str | None) -> str:
+        if given is not None:
+            text = given.decode("latin-1") if isinstance(given, bytes) else given
+            if _REQUEST_ID.match(text):
+                return text
         return f"{_ID_BITS.getrandbits(128):032x}"
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, receive: Receive, declared: bytes | None) -> bytes:
         limit = self.config.limits.max_body_bytes
         too_large = RouterHTTPError(413, f"request body over the limit of {limit} bytes", "invalid_request_error",
                                     "request_too_large")
-        declared = request.headers.get("content-length")
         if declared is not None:
             try:
                 if int(declared) > limit:
@@ -306,51 +320,81 @@ class Router:
                 raise RouterHTTPError(400, "invalid Content-Length") from None
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise too_large
             chunks.append(chunk)
-        return b"".join(chunks)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _upstream_headers(self, request: Request, request_id: str) -> dict[str, str]:
-        drop = _NOT_UPSTREAM | _connection_tokens(request.headers)
-        out = {k: v for k, v in request.headers.items() if k not in drop and not k.startswith("x-isthmus-")}
-        out["x-request-id"] = request_id
-        out["content-type"] = "application/json"
-        return out
+    @staticmethod
+    def _scan_headers(raw: list[tuple[bytes, bytes]]) -> tuple[dict[bytes, bytes], list[tuple[bytes, bytes]]]:
+        """The request fields the router reads (first occurrence) and the ones that may go upstream."""
+        read: dict[bytes, bytes] = {}
+        rest: list[tuple[bytes, bytes]] = []
+        for name, value in raw:
+            if name in _READ:
+                read.setdefault(name, value)
+            elif name not in _NOT_UPSTREAM and not name.startswith(b"x-isthmus-"):
+                rest.append((name, value))
+        return read, rest
 
-    async def handle_proxy(self, request: Request) -> Response:
-        """``POST /v1/completions`` and ``/v1/chat/completions``."""
-        request_id = self._request_id(request)
+    def _upstream_head(self, rest: list[tuple[bytes, bytes]], connection: bytes | None, request_id: str) -> bytes:
+        drop = _connection_tokens(connection) if connection else frozenset()
+        lines = [b"%s: %s\r\n" % (k, v) for k, v in rest if k not in drop]
+        lines.append(b"x-request-id: %s\r\ncontent-type: application/json\r\n" % request_id.encode())
+        return b"".join(lines)
+
+    async def handle_proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v1/completions`` and ``/v1/chat/completions`` (a plain ASGI callable)."""
         arrival = self.clock()
+        read, rest = self._scan_headers(scope["headers"])
+        request_id = self._request_id(read.get(b"x-request-id"))
         body_read = False
         try:
-            self._check_key(request)
+            self._check_key(read.get(b"authorization", b""))
             if self.active >= self.config.limits.max_concurrent:
                 raise RouterHTTPError(429, "too many requests in progress; retry later", "rate_limit_error",
                                       "rate_limit_exceeded", {"retry-after": str(self.config.limits.retry_after_s)})
             self.active += 1
             try:
-                raw = await self._read_body(request)
+                raw = await self._read_body(receive, read.get(b"content-length"))
                 body_read = True
-                ctx = self._prepare(request, raw, request_id, arrival)
+                ctx = self._prepare(scope["path"], read, raw, request_id, arrival,
+                                    self._upstream_head(rest, read.get(b"connection"), request_id))
             except BaseException:
                 self.active -= 1
                 raise
         except RouterHTTPError as exc:
-            response = self.error_response(exc, request_id)
-            if not body_read:  # the rest of the body is not worth reading: close after answering
-                response.headers["connection"] = "close"
-            return response
-        except ClientDisconnect:
+            await self._send_error_asgi(send, exc, request_id, close=not body_read)
+            return
+        except _ClientGone:
             self.metrics.requests.labels("499").inc()
-            return Response(status_code=499)
+            return
         self.metrics.in_progress.set(self.active)
-        return ProxyResponse(self, ctx)
+        await ProxyResponse(self, ctx)(scope, receive, send)
 
-    def _prepare(self, request: Request, raw: bytes, request_id: str, arrival: float) -> RequestContext:
-        path: str = request.scope["path"]  # one of the two proxied routes, matched exactly
+    async def _send_error_asgi(self, send: Send, exc: RouterHTTPError, request_id: str, close: bool) -> None:
+        """An error the router raised itself, before any upstream attempt; ``close``: the rest of the
+        body is not worth reading, so the connection closes after the answer."""
+        self.metrics.requests.labels(str(exc.status)).inc()
+        log.info("request %s rejected: %d %s", request_id, exc.status, exc.code or exc.type)
+        body = exc.body()
+        headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode()),
+                   (b"content-length", str(len(body)).encode())]
+        headers += [(k.encode(), _header_value(v)) for k, v in exc.headers.items()]
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _prepare(self, path: str, read: dict[bytes, bytes], raw: bytes, request_id: str, arrival: float,
+                 upstream_head: bytes) -> RequestContext:
         chat = path.endswith("/chat/completions")
         try:
             info = parse_request(raw, chat, self.config.block_size, self.tokenizer, hashes=self.keep_prefix)
@@ -359,22 +403,28 @@ class Router:
         if info.model not in self._model_set:
             raise model_not_found(info.model, self.models)
         try:
-            hops = max(0, int(request.headers.get(HOPS_HEADER, "0")))
+            hops = max(0, int(read.get(b"x-isthmus-hops", b"0")))
         except ValueError:
             raise RouterHTTPError(400, f"invalid {HOPS_HEADER} header") from None
         # The client's region: a peer router's forward says where the client is, and so may a
         # trusted edge in front of a central proxy (a hint for routing only); else this region.
         origin = self.config.region
-        claimed = request.headers.get(ORIGIN_HEADER, "")
+        claimed = read.get(b"x-isthmus-origin", b"").decode("latin-1")
         if claimed and claimed in self._known_regions:
             origin = claimed
         routed = RoutedRequest(
             id=request_id, arrival=arrival, origin=origin, prompt_tokens=info.prompt_tokens,
             block_hashes=info.block_hashes, max_output_tokens=info.max_output_tokens, session=info.user,
         )
-        return RequestContext(request_id=request_id, path=path, raw=raw, info=info,
-                              routed_request=routed, hops=hops, arrival=arrival,
-                              upstream_headers=self._upstream_headers(request, request_id))
+        return RequestContext(request_id=request_id, path=path, raw=raw, info=info, routed_request=routed,
+                              hops=hops, arrival=arrival, upstream_head=upstream_head)
+
+    def origin(self, url: str) -> Origin:
+        """The pooled-client origin of a replica's or peer's base URL (cached)."""
+        o = self._origins.get(url)
+        if o is None:
+            o = self._origins[url] = Origin.from_url(url)
+        return o
 
     def error_response(self, exc: RouterHTTPError, request_id: str) -> Response:
         """The client's answer for an error the router raised itself."""
@@ -476,9 +526,9 @@ class Router:
     # ------------------------------------------------------------------ other endpoints
     async def handle_models(self, request: Request) -> Response:
         try:
-            self._check_key(request)
+            self._check_key(request.headers.get("authorization", "").encode("latin-1"))
         except RouterHTTPError as exc:
-            return self.error_response(exc, self._request_id(request))
+            return self.error_response(exc, self._request_id(request.headers.get("x-request-id")))
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "isthmus"} for m in self.models]
         return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
@@ -493,13 +543,13 @@ class Router:
 
     async def handle_summary(self, request: Request) -> Response:
         try:
-            self._check_key(request)
+            self._check_key(request.headers.get("authorization", "").encode("latin-1"))
         except RouterHTTPError as exc:
-            return self.error_response(exc, self._request_id(request))
+            return self.error_response(exc, self._request_id(request.headers.get("x-request-id")))
         return Response(orjson.dumps(self.state.summary(self.clock())), media_type="application/json")
 
 
-class ProxyResponse(Response):
+class ProxyResponse:
     """The answer to one proxied request: decides, calls upstream (with retries) and relays.
 
     It owns the ASGI exchange from the start, so it can choose the status after the upstream
@@ -507,35 +557,31 @@ class ProxyResponse(Response):
     which closes the upstream connection.
     """
 
-    def __init__(self, router: Router, ctx: RequestContext) -> None:  # no super().__init__: no body yet
+    __slots__ = ("_finished", "_gone", "_started", "ctx", "router")
+
+    def __init__(self, router: Router, ctx: RequestContext) -> None:
         self.router = router
         self.ctx = ctx
-        self.status_code = 200
-        self.body = b""
-        self.raw_headers = []
-        self.background = None
         self._started = False
         self._finished = False
+        self._gone = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         router = self.router
         ctx = self.ctx
-        work = asyncio.ensure_future(self._run(send))
-        watch = asyncio.ensure_future(self._wait_disconnect(receive))
+        task = asyncio.current_task()
+        assert task is not None
+        watch = asyncio.get_running_loop().create_task(self._wait_disconnect(receive, task))
         try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done() and not self._finished:
-                ctx.error = "client disconnected"
-                ctx.status = 499  # nginx's "client closed request", whatever was relayed before
-                work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
+            await self._run(send)
+        except asyncio.CancelledError:
+            if not self._gone:
+                raise  # cancelled from outside (shutdown): not ours to swallow
+            task.uncancel()
+            ctx.error = "client disconnected"
+            ctx.status = 499  # nginx's "client closed request", whatever was relayed before
         finally:
             watch.cancel()
-            if not work.done():
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
             router.active -= 1
             router.metrics.in_progress.set(router.active)
             router.metrics.requests.labels(str(ctx.status or 499)).inc()
@@ -545,10 +591,14 @@ class ProxyResponse(Response):
                          ctx.region or "-", "yes" if ctx.forwarded else "no", ctx.status or 499, ctx.attempts,
                          ctx.ttft_s * 1e3, (router.clock() - ctx.arrival) * 1e3, ctx.error or "-")
 
-    async def _wait_disconnect(self, receive: Receive) -> None:
+    async def _wait_disconnect(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        """Cancel ``task`` (the request's) as soon as the client goes away before its answer is complete."""
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                if not self._finished:
+                    self._gone = True
+                    task.cancel()
                 return
 
     async def _send_start(self, send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -615,15 +665,19 @@ class ProxyResponse(Response):
         await self._send_error(send, RouterHTTPError(last.status, f"upstream failed: {last.message}", "upstream_error",
                                                      last.kind))
 
-    def _response_headers(self, routed: Routed, upstream: Mapping[str, str] | Any) -> list[tuple[bytes, bytes]]:
+    def _response_headers(self, routed: Routed, resp: UpstreamResponse) -> list[tuple[bytes, bytes]]:
         ctx = self.ctx
-        drop = _NOT_DOWNSTREAM | _connection_tokens(upstream)
-        out = [(k.lower().encode("latin-1"), v.encode("latin-1", "replace")) for k, v in upstream.items()
-               if k.lower() not in drop and not k.lower().startswith("x-isthmus-") and k.lower() != "x-request-id"]
+        connection = resp.header(b"connection")
+        drop = _NOT_DOWNSTREAM | _connection_tokens(connection.encode("latin-1")) if connection else _NOT_DOWNSTREAM
+        out: list[tuple[bytes, bytes]] = []
+        for k, v in resp.headers:
+            low = k.lower()
+            if low not in drop and not low.startswith(b"x-isthmus-"):
+                out.append((low, v))
         d = routed.decision
         if routed.peer is not None:  # the peer router says where it went
-            ctx.target = upstream.get("x-isthmus-target", routed.peer.region)
-            ctx.region = upstream.get("x-isthmus-region", routed.peer.region)
+            ctx.target = resp.header(b"x-isthmus-target", routed.peer.region)
+            ctx.region = resp.header(b"x-isthmus-region", routed.peer.region)
             ctx.forwarded = True
         else:
             assert routed.replica is not None
@@ -648,100 +702,94 @@ class ProxyResponse(Response):
         """
         router = self.router
         ctx = self.ctx
-        session = router.session
-        assert session is not None
-        headers = dict(ctx.upstream_headers)
+        pool = router.pool
+        assert pool is not None
+        head = ctx.upstream_head
         if routed.peer is not None:
-            url, auth = routed.peer.url + ctx.path, routed.peer.auth
-            headers[HOPS_HEADER] = str(ctx.hops + 1)
-            headers[ORIGIN_HEADER] = ctx.routed_request.origin
+            base, auth = routed.peer.url, routed.peer.auth
+            head += b"%s: %d\r\n%s: %s\r\n" % (HOPS_HEADER.encode(), ctx.hops + 1, ORIGIN_HEADER.encode(),
+                                                  _header_value(ctx.routed_request.origin))
             router.metrics.forwards.labels(routed.peer.region).inc()
         else:
             assert routed.replica is not None
-            url, auth = routed.replica.url + ctx.path, routed.replica.auth
+            base, auth = routed.replica.url, routed.replica.auth
         if auth:
-            headers["Authorization"] = auth
-        timeout = router._timeout_stream if ctx.info.stream else router._timeout_plain
+            head += b"authorization: %s\r\n" % auth.encode("latin-1")
+        t = router.config.timeouts
         try:
-            resp = await session.post(url, data=ctx.raw, headers=headers, timeout=timeout, allow_redirects=False)
-        except aiohttp.ConnectionTimeoutError:
+            resp = await pool.request(router.origin(base), ctx.path.encode(), head, ctx.raw, connect_s=t.connect_s,
+                                      idle_s=t.idle_s if ctx.info.stream else t.total_s, total_s=t.total_s)
+        except UpstreamConnectTimeout:
             raise _Failure("connect_timeout", 504, f"connect to {routed.target} timed out") from None
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            raise _Failure("connect", 502, f"cannot reach {routed.target}: {type(exc).__name__}") from None
-        except TimeoutError:
+        except UpstreamConnectError as exc:
+            raise _Failure("connect", 502, f"cannot reach {routed.target}: {exc}") from None
+        except UpstreamTimeout:
             raise _Failure("stall", 504, f"{routed.target} sent no answer in time") from None
-        except aiohttp.ClientError as exc:
-            raise _Failure("broken", 502, f"{routed.target}: {type(exc).__name__}") from None
+        except UpstreamError as exc:
+            raise _Failure("broken", 502, f"{routed.target}: {exc}") from None
         try:
             await self._relay(routed, resp, send)
         finally:
-            resp.close()  # a no-op after a complete read; otherwise it drops the upstream connection
+            resp.release()  # back to the pool after a complete answer; otherwise the connection closes
 
-    async def _read_all(self, routed: Routed, resp: aiohttp.ClientResponse) -> bytes:
+    async def _read_all(self, routed: Routed, resp: UpstreamResponse) -> bytes:
         limit = self.router.config.limits.max_response_bytes
-        chunks: list[bytes] = []
-        size = 0
         try:
-            async for chunk in resp.content.iter_any():
-                size += len(chunk)
-                if size > limit:
-                    raise _Failure("too_large", 502, f"{routed.target} answered with over {limit} bytes")
-                chunks.append(chunk)
-        except TimeoutError:
+            return await resp.read_all(limit)
+        except ValueError:
+            raise _Failure("too_large", 502, f"{routed.target} answered with over {limit} bytes") from None
+        except UpstreamTimeout:
             raise _Failure("stall", 504, f"{routed.target} stalled") from None
-        except aiohttp.ClientError as exc:
-            raise _Failure("broken", 502, f"{routed.target} broke off its answer: {type(exc).__name__}") from None
-        return b"".join(chunks)
+        except UpstreamError as exc:
+            raise _Failure("broken", 502, f"{routed.target} broke off its answer: {exc}") from None
 
-    async def _relay(self, routed: Routed, resp: aiohttp.ClientResponse, send: Send) -> None:
+    async def _relay(self, routed: Routed, resp: UpstreamResponse, send: Send) -> None:
         router = self.router
         ctx = self.ctx
         status = resp.status
         if status in _RETRYABLE_STATUS:
             body = await self._read_all(routed, resp)
             raise _Failure("status", status, f"{routed.target} answered {status}",
-                           response=(status, self._response_headers(routed, resp.headers), body))
-        streaming = status < 300 and resp.headers.get("content-type", "").startswith("text/event-stream")
+                           response=(status, self._response_headers(routed, resp), body))
+        streaming = status < 300 and resp.header(b"content-type").startswith("text/event-stream")
         if not streaming:
             body = await self._read_all(routed, resp)
             self._first_byte(routed)
-            headers = self._response_headers(routed, resp.headers)
+            headers = self._response_headers(routed, resp)
             headers.append((b"content-length", str(len(body)).encode()))
             await self._send_start(send, status, headers)
             await send({"type": "http.response.body", "body": body, "more_body": False})
             self._finished = True
             self._done(routed, ok=status < 400, backend_ok=status < 500)
             return
-        content = resp.content
         try:
-            first = await content.readany()
-        except TimeoutError:
+            first = await resp.read()
+        except UpstreamTimeout:
             raise _Failure("stall", 504, f"{routed.target} sent nothing for {router.config.timeouts.idle_s:g} s") from None
-        except aiohttp.ClientError as exc:
-            raise _Failure("broken", 502, f"{routed.target} broke off before its first chunk: "
-                                          f"{type(exc).__name__}") from None
+        except UpstreamError as exc:
+            raise _Failure("broken", 502, f"{routed.target} broke off before its first chunk: {exc}") from None
         self._first_byte(routed)
-        await self._send_start(send, status, self._response_headers(routed, resp.headers))
+        await self._send_start(send, status, self._response_headers(routed, resp))
         tail = first
         failure = ""
         # a chunk after which the upstream body is complete goes out with the end of the body, in one write
         done = False
         if first:
-            done = content.at_eof()
+            done = resp.at_eof()
             await send({"type": "http.response.body", "body": first, "more_body": not done})
             while not done:
                 try:
-                    chunk = await content.readany()
-                except TimeoutError:
+                    chunk = await resp.read()
+                except UpstreamTimeout:
                     failure = f"upstream {ctx.target} stalled for over {router.config.timeouts.idle_s:g} s"
                     break
-                except aiohttp.ClientError as exc:
-                    failure = f"upstream {ctx.target} broke off the stream: {type(exc).__name__}"
+                except UpstreamError:
+                    failure = f"upstream {ctx.target} broke off the stream"
                     break
                 if not chunk:
                     break
                 tail = chunk
-                done = content.at_eof()
+                done = resp.at_eof()
                 await send({"type": "http.response.body", "body": chunk, "more_body": not done})
         if failure:
             # never a fake [DONE]: an error event, at an event boundary, then the end of the body
@@ -776,8 +824,12 @@ class ProxyResponse(Response):
         router.observe(self.ctx, routed, ok=ok)
 
 
+async def _never(request: Request) -> Response:  # pragma: no cover - _ProxyFront serves these first
+    raise AssertionError("proxied routes are served by _ProxyFront")
+
+
 def build_app(config: RouterConfig, *, router: Router | None = None,
-              on_ready: Callable[[Router], Awaitable[None]] | None = None) -> Starlette:
+              on_ready: Callable[[Router], Awaitable[None]] | None = None) -> ASGIApp:
     """The ASGI application of a router for ``config`` (or of ``router``, when given).
 
     The router starts with the application's lifespan and stops with it.
@@ -804,8 +856,9 @@ def build_app(config: RouterConfig, *, router: Router | None = None,
                         media_type="application/json")
 
     routes = [
-        Route("/v1/completions", rt.handle_proxy, methods=["POST"]),
-        Route("/v1/chat/completions", rt.handle_proxy, methods=["POST"]),
+        # POST on these two is served by _ProxyFront; other methods get Starlette's 405
+        Route("/v1/completions", _never, methods=["POST"]),
+        Route("/v1/chat/completions", _never, methods=["POST"]),
         Route("/v1/models", rt.handle_models, methods=["GET"]),
         Route("/health", rt.handle_health, methods=["GET"]),
         Route("/metrics", rt.handle_metrics, methods=["GET"]),
@@ -814,7 +867,23 @@ def build_app(config: RouterConfig, *, router: Router | None = None,
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={404: not_found, 405: method_not_allowed})
     app.state.router = rt
-    return app
+    return _ProxyFront(rt, app)
+
+
+class _ProxyFront:
+    """The router's ASGI application: ``POST`` to the two proxied routes goes straight to
+    :meth:`Router.handle_proxy`; everything else (lifespan, other endpoints, other methods) to Starlette."""
+
+    def __init__(self, router: Router, app: Starlette) -> None:
+        self.router = router
+        self.app = app
+        self.state = app.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in PROXY_PATHS and scope["method"] == "POST":
+            await self.router.handle_proxy(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 __all__ = ["ProxyResponse", "Router", "build_app"]

@@ -55,20 +55,27 @@ def _is_token_list(x: Any) -> bool:
     return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
 
-def _prompt_tokens(body: dict[str, Any], chat: bool, tokenizer: Tokenizer) -> tuple[Sequence[int], int]:
-    """Token ids to hash (the first prompt) and the total prompt length."""
+def _encode(tokenizer: Tokenizer, text: str, ids: bool) -> tuple[Sequence[int], int]:
+    """``text``'s token ids (empty when ``ids`` is false and the tokenizer can count without them) and count."""
+    if not ids and isinstance(tokenizer, ByteChunkTokenizer):
+        return (), tokenizer.count(text)
+    out = tokenizer.encode(text)
+    return out, len(out)
+
+
+def _prompt_tokens(body: dict[str, Any], chat: bool, tokenizer: Tokenizer,
+                   ids: bool = True) -> tuple[Sequence[int], int]:
+    """Token ids to hash (the first prompt; may be empty when ``ids`` is false) and the total prompt length."""
     if chat:
         messages = body.get("messages")
         try:
             text = render_chat(messages)  # type: ignore[arg-type]  # validated inside
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        ids = tokenizer.encode(text)
-        return ids, len(ids)
+        return _encode(tokenizer, text, ids)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
-        return ids, len(ids)
+        return _encode(tokenizer, prompt, ids)
     if _is_token_list(prompt) and prompt:
         return prompt, len(prompt)
     if isinstance(prompt, list) and prompt:
@@ -116,7 +123,7 @@ def parse_request(raw: bytes, chat: bool, block_size: int, tokenizer: Tokenizer 
     if isinstance(max_out, bool) or not isinstance(max_out, int) or max_out < 1:
         raise BadRequest("'max_tokens' must be a positive integer")
     user = body.get("user")
-    ids, n = _prompt_tokens(body, chat, tokenizer if tokenizer is not None else ByteChunkTokenizer())
+    ids, n = _prompt_tokens(body, chat, tokenizer if tokenizer is not None else ByteChunkTokenizer(), hashes)
     return PromptInfo(
         model=model,
         stream=stream,

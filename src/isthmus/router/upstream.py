@@ -1,0 +1,419 @@
+"""The router's data path to replicas and peer routers: a small pooled HTTP/1.1 client.
+
+Built on asyncio protocols with ``httptools`` (llhttp) parsing the responses, so a relayed stream costs
+one read and one callback per upstream segment: no per-chunk task switch, no header multidict, no
+timer object per read. It does only what the proxy needs: ``POST`` with a body in memory, keep-alive
+pooling per origin, and the three timeouts of :class:`~isthmus.router.config.TimeoutsConfig`.
+Scrapes, probes and peer polls use aiohttp on a session of their own.
+
+Contract:
+
+- :meth:`UpstreamPool.request` writes the request in one ``write`` and returns once the response's
+  status line and headers arrived. A pooled (reused) connection that the server had closed before
+  any byte of the answer came is replaced by a fresh one once, transparently: keep-alive races
+  never count as a backend failure.
+- :meth:`UpstreamResponse.read` returns the body bytes buffered so far (at least one byte), or
+  ``b""`` at the end of the body; it waits at most ``idle_s`` for data, and never past the exchange's
+  ``total_s`` deadline.
+- A connection goes back to the pool only after a complete response that allows keep-alive
+  (:meth:`UpstreamResponse.release`); anything else closes it. A consumer that falls behind pauses
+  reading from the upstream socket (flow control) past ``_HIGH_WATER`` buffered bytes.
+
+Errors are :class:`UpstreamError` subclasses whose ``kind`` is the router's failure vocabulary:
+``connect``, ``connect_timeout``, ``stall`` and ``broken``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httptools
+
+_HIGH_WATER = 1 << 20  # buffered body bytes at which reading from the upstream socket pauses
+_LOW_WATER = 1 << 18
+
+
+class UpstreamError(Exception):
+    """An upstream exchange failed. ``kind``: ``connect``, ``connect_timeout``, ``stall`` or ``broken``."""
+
+    kind = "broken"
+
+
+class UpstreamConnectError(UpstreamError):
+    """The connection was refused or could not be opened."""
+
+    kind = "connect"
+
+
+class UpstreamConnectTimeout(UpstreamError):
+    """Opening the connection took longer than the connect timeout."""
+
+    kind = "connect_timeout"
+
+
+class UpstreamTimeout(UpstreamError):
+    """No data within the idle timeout, or the exchange passed its total deadline."""
+
+    kind = "stall"
+
+
+class UpstreamBroken(UpstreamError):
+    """The connection closed or sent something that is not HTTP before the response was complete."""
+
+    kind = "broken"
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where requests to one base URL go.
+
+    Attributes:
+        host, port: the TCP endpoint.
+        host_header: the ``Host`` header value (``host[:port]`` as in the URL).
+        base_path: the URL's path prefix without a trailing slash (``""`` for none), put before
+            every request path.
+    """
+
+    host: str
+    port: int
+    host_header: bytes
+    base_path: bytes
+
+    @classmethod
+    def from_url(cls, url: str) -> Origin:
+        """The origin of an ``http://`` base URL.
+
+        Raises:
+            ValueError: not an ``http`` URL with a host (``https`` is not supported on the data path).
+        """
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"expected an http://host[:port] URL, got {url!r}")
+        port = parts.port or 80
+        return cls(parts.hostname, port, parts.netloc.encode("idna"), parts.path.rstrip("/").encode())
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream TCP connection and the response in progress on it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.received = False
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.paused = False
+        self.error: UpstreamError | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a TCP transport (uvloop's is no subclass)
+
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamBroken("upstream switched protocols"))
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamBroken(f"malformed HTTP response: {exc}"))
+
+    def eof_received(self) -> bool:
+        return False  # close the transport: connection_lost says what it meant
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.complete or self.error is not None:
+            return
+        if self.headers_done and self._until_close():
+            self.complete = True  # a body delimited by the end of the connection
+            self._wake()
+        else:
+            self._fail(UpstreamBroken("connection closed before the response was complete"))
+
+    # ------------------------------------------------------------------ httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.headers_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self.keep_alive = self.parser.should_keep_alive()
+        self._wake()
+
+    # ------------------------------------------------------------------ helpers
+    def _until_close(self) -> bool:
+        for name, value in self.headers:
+            low = name.lower()
+            if low == b"content-length" or (low == b"transfer-encoding" and b"chunked" in value.lower()):
+                return False
+        return True
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self.error is None:
+            self.error = error
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until the next parser event or the connection's end; :class:`UpstreamTimeout` after ``timeout_s``."""
+        if timeout_s <= 0:
+            raise UpstreamTimeout("the upstream exchange ran out of time")
+        waiter = self.loop.create_future()
+        self.waiter = waiter
+        timer = self.loop.call_later(timeout_s, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self.waiter = None
+
+    def take(self) -> bytes:
+        """Every buffered body byte (resumes reading if flow control had paused it)."""
+        chunks = self.chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(UpstreamTimeout("no data from upstream in time"))
+
+
+class UpstreamResponse:
+    """One upstream response: status and headers at once, the body as it arrives.
+
+    Attributes:
+        status: the HTTP status code.
+        headers: the header fields as received (names as sent; use :meth:`header` to look one up).
+    """
+
+    __slots__ = ("_clock", "_conn", "_deadline", "_done", "_idle_s", "_key", "_pool", "headers", "status")
+
+    def __init__(self, conn: _Connection, pool: UpstreamPool, key: tuple[str, int], idle_s: float,
+                 deadline: float, clock: Callable[[], float]) -> None:
+        self._conn = conn
+        self._pool = pool
+        self._key = key
+        self._idle_s = idle_s
+        self._deadline = deadline
+        self._clock = clock
+        self.status = conn.status
+        self.headers = conn.headers
+        self._done = False
+
+    def header(self, name: bytes, default: str = "") -> str:
+        """The value of header ``name`` (lower case), as latin-1 text; ``default`` when absent."""
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v.decode("latin-1")
+        return default
+
+    def at_eof(self) -> bool:
+        """Whether the body is complete and fully read."""
+        return self._conn.complete and not self._conn.chunks
+
+    async def read(self) -> bytes:
+        """The body bytes buffered now, waiting for some if none are; ``b""`` at the end of the body.
+
+        Raises:
+            UpstreamTimeout: nothing came within the idle timeout, or the total deadline passed.
+            UpstreamBroken: the connection broke off or the response is malformed.
+        """
+        conn = self._conn
+        while True:
+            if conn.chunks:
+                return conn.take()
+            if conn.error is not None:
+                raise conn.error
+            if conn.complete:
+                return b""
+            await conn.wait(min(self._idle_s, self._deadline - self._clock()))
+
+    async def read_all(self, limit: int) -> bytes:
+        """The whole body.
+
+        Raises:
+            ValueError: the body is longer than ``limit`` bytes.
+            UpstreamTimeout, UpstreamBroken: as :meth:`read`.
+        """
+        parts: list[bytes] = []
+        size = 0
+        while chunk := await self.read():
+            size += len(chunk)
+            if size > limit:
+                raise ValueError(f"body over {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def release(self) -> None:
+        """Hand the connection back (kept for reuse only after a complete keep-alive response). Idempotent."""
+        if self._done:
+            return
+        self._done = True
+        conn = self._conn
+        if conn.complete and conn.keep_alive and not conn.closed and conn.error is None and not conn.chunks:
+            self._pool._put(self._key, conn)
+        else:
+            conn.close()
+
+
+class UpstreamPool:
+    """Keep-alive connections per upstream ``(host, port)``.
+
+    Args:
+        keepalive_s: an idle connection older than this is closed instead of reused.
+        max_idle_per_origin: idle connections kept per origin; more are closed.
+        clock: monotonic seconds.
+    """
+
+    def __init__(self, *, keepalive_s: float = 30.0, max_idle_per_origin: int = 256,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.keepalive_s = keepalive_s
+        self.max_idle_per_origin = max_idle_per_origin
+        self.clock = clock
+        self._idle: dict[tuple[str, int], deque[_Connection]] = {}
+        self._closed = False
+
+    async def request(self, origin: Origin, path: bytes, head: bytes, body: bytes, *, connect_s: float,
+                      idle_s: float, total_s: float) -> UpstreamResponse:
+        """``POST origin.base_path + path`` with the header lines ``head`` (each ending in CRLF, no
+        ``Host`` or ``Content-Length``) and ``body``; returns at the end of the response headers.
+
+        Args:
+            connect_s: longest wait to open a connection.
+            idle_s: longest silence before the headers and between body reads.
+            total_s: deadline of the whole exchange, body included, from now.
+
+        Raises:
+            UpstreamConnectError, UpstreamConnectTimeout, UpstreamTimeout, UpstreamBroken.
+        """
+        if self._closed:
+            raise UpstreamConnectError("the upstream pool is closed")
+        deadline = self.clock() + total_s
+        message = b"".join((b"POST ", origin.base_path, path, b" HTTP/1.1\r\nhost: ", origin.host_header,
+                            b"\r\n", head, b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body))
+        key = (origin.host, origin.port)
+        while True:
+            conn = self._get(key)
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(origin, connect_s)
+            assert conn.transport is not None
+            conn.transport.write(message)
+            try:
+                while not conn.headers_done:
+                    if conn.error is not None:
+                        raise conn.error
+                    await conn.wait(min(idle_s, deadline - self.clock()))
+            except UpstreamBroken:
+                conn.close()
+                if reused and not conn.received:
+                    continue  # the server had closed this idle connection: once more on a fresh one
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            return UpstreamResponse(conn, self, key, idle_s, deadline, self.clock)
+
+    async def _connect(self, origin: Origin, connect_s: float) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(connect_s):
+                transport, conn = await loop.create_connection(lambda: _Connection(loop), origin.host, origin.port)
+        except TimeoutError:
+            raise UpstreamConnectTimeout(f"connect to {origin.host}:{origin.port} timed out") from None
+        except OSError as exc:
+            raise UpstreamConnectError(f"cannot connect to {origin.host}:{origin.port}: "
+                                       f"{exc.strerror or type(exc).__name__}") from None
+        conn.transport = transport  # uvloop calls connection_made only on the next loop turn
+        return conn
+
+    def _get(self, key: tuple[str, int]) -> _Connection | None:
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        oldest_ok = self.clock() - self.keepalive_s
+        while idle:
+            conn = idle.pop()  # the most recently used: the least likely to have been closed by the server
+            if conn.closed or conn.idle_since < oldest_ok:
+                conn.close()
+                continue
+            conn._reset()
+            return conn
+        return None
+
+    def _put(self, key: tuple[str, int], conn: _Connection) -> None:
+        if self._closed:
+            conn.close()
+            return
+        idle = self._idle.setdefault(key, deque())
+        if len(idle) >= self.max_idle_per_origin:
+            conn.close()
+            return
+        conn.idle_since = self.clock()
+        conn.waiter = None
+        idle.append(conn)
+
+    def idle_connections(self) -> int:
+        """Idle pooled connections, all origins (closed ones not yet dropped included)."""
+        return sum(len(d) for d in self._idle.values())
+
+    def close(self) -> None:
+        """Close every idle connection and refuse new requests."""
+        self._closed = True
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+
+
+__all__ = [
+    "Origin", "UpstreamBroken", "UpstreamConnectError", "UpstreamConnectTimeout", "UpstreamError",
+    "UpstreamPool", "UpstreamResponse", "UpstreamTimeout",
+]
