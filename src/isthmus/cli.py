@@ -26,9 +26,10 @@ T = TypeVar("T")
 
 
 def build_app() -> typer.Typer:
-    """The command tree: ``simulate``, ``sweep``, ``validate``, ``emulate`` and ``serve``."""
+    """The command tree: ``simulate``, ``sweep``, ``validate``, ``emulate``, ``serve``, ``testbed`` and ``bench``."""
     app = typer.Typer(
-        help="Route LLM inference across regions: simulate routing policies on real traces, validate the engine model.",
+        help="Route LLM inference across regions: simulate routing policies on real traces, validate the engine model, "
+             "serve, emulate, and measure on a local multi-region testbed.",
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
@@ -38,11 +39,15 @@ def build_app() -> typer.Typer:
     app.command()(validate)
     # the live faces: their command functions live beside their packages and import their
     # server dependencies only when run
+    from isthmus.bench.bench_cli import bench
+    from isthmus.bench.testbed_cli import testbed
     from isthmus.emulator.cli import emulate
     from isthmus.router.cli import serve
 
     app.command()(emulate)
     app.command()(serve)
+    app.command()(testbed)
+    app.command()(bench)
     return app
 
 
