@@ -4,22 +4,26 @@ Starts ``--engines`` engine doubles (``isthmus emulate``, step times scaled by `
 after the other, each router in front of them, all on loopback: ``isthmus serve`` and, unless
 ``--skip-rust``, the Rust routers ``vllm-router`` and ``sglang-router`` (installed with pip into a
 virtual environment of their own, ``--rust-venv``, on first use; every listener bound to 127.0.0.1),
-every router with the same policy ``--policy``. For each level of ``--streams``, a load generator
-keeps that many streamed ``/v1/completions`` requests in flight (each ``--prompt-chars`` characters of
-prompt, ``--max-tokens`` output tokens) until ``--requests`` have completed, first straight to the
-engines (round robin), then through each router. TTFT is measured at the client, from sending the
-request to receiving the first ``data:`` event; a router's overhead is the difference of its run's
-percentiles and the direct run's. Each router's CPU time per request and resident memory (its process
-tree) are reported too; the load is closed-loop, so req/s is the rate sustained at that concurrency.
+every router with the same policy ``--policy``. Requests are streamed ``/v1/completions`` with
+``--prompt-chars`` characters of distinct prompt; TTFT is measured at the client, from sending the
+request to its first ``data:`` event. Phases, each run straight to the engines (round robin) and then
+through every router:
 
-Before that, ``--single`` requests are sent one at a time to every target: the overhead of one hop with
-no contention. Everything shares this machine's cores (engines, router, load generator), so the figures
-under load include CPU contention: the router is one more busy process, and each hop adds socket
-sends (on sandboxed kernels a loopback ``send`` can cost hundreds of microseconds).
+1. one at a time (``--single`` requests): the overhead of one hop with nothing else running;
+2. open loop, per level N of ``--streams``: Poisson arrivals (the same gaps for every target) at
+   ``--load-factor`` x the rate the engines sustain directly with N streams in a closed loop, each
+   request ``--max-tokens`` long, so that about N streams are in flight; a router's overhead is the
+   difference of its TTFT percentiles and the direct run's;
+3. closed loop, per level N: N streams kept busy with short requests (``--closed-max-tokens``) until
+   ``--requests`` completed: the highest rate sustained with N concurrent streams.
+
+Each router's CPU time per request and resident memory (its process tree) are reported too.
+Everything shares this machine's cores (engines, router, load generator): under load, a router's
+added latency includes waiting for a core.
 
 Usage::
 
-    python benchmarks/router_overhead.py [--streams 50,200] [--requests 1000] [--time-scale 0.1] [--skip-rust]
+    python benchmarks/router_overhead.py [--streams 50,200] [--requests 1000] [--time-scale 1.0] [--skip-rust]
         [--json out/router_overhead.json]
 """
 
@@ -30,6 +34,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import random
 import re
 import signal
 import socket
@@ -72,6 +77,87 @@ def start_engine(log: Path, time_scale: float) -> tuple[subprocess.Popen[bytes],
         time.sleep(0.05)
 
 
+# ---------------------------------------------------------------------- a fake backend with fixed timing
+def fake_backend_app(ttft_s: float, itl_s: float) -> Any:
+    """An OpenAI-style streaming server whose answers take fixed times: the first token ``ttft_s`` after
+    the request, then one every ``itl_s``, whatever else is running (no batching, no queue), so that
+    what a router adds is not hidden in the engine's own variance. ``/health``, ``/v1/models`` and a
+    ``/metrics`` page with vLLM's gauge names (all zero) let every router treat it as a vLLM server."""
+    from aiohttp import web
+
+    metrics = ("vllm:num_requests_running{model_name=\"m\"} 0\nvllm:num_requests_waiting{model_name=\"m\"} 0\n"
+               "vllm:kv_cache_usage_perc{model_name=\"m\"} 0\n")
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        n = int(body.get("max_tokens", 16))
+        first = float(body.get("fake_ttft_ms", ttft_s * 1e3)) / 1e3  # a request may set its own timing
+        gap = float(body.get("fake_itl_ms", itl_s * 1e3)) / 1e3
+        await asyncio.sleep(first)
+        if not body.get("stream"):
+            text = "x" * n
+            return web.json_response({"id": "c", "object": "text_completion", "model": "m", "choices": [
+                {"index": 0, "text": text, "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}})
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for k in range(n):
+            if k and gap > 0:
+                await asyncio.sleep(gap)
+            event = {"id": "c", "object": "text_completion", "model": "m",
+                     "choices": [{"index": 0, "text": "x", "finish_reason": "length" if k == n - 1 else None}]}
+            await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "fake"}]})
+
+    async def prom(request: web.Request) -> web.Response:
+        return web.Response(text=metrics, content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/metrics", prom)
+    return app
+
+
+def start_fake(log: Path, ttft_s: float, itl_s: float) -> tuple[subprocess.Popen[bytes], str]:
+    """One fake backend (this script with ``--fake-backend PORT``) on a free port; (process, base URL)."""
+    port = free_port()
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, __file__, "--fake-backend", str(port), "--fake-ttft-ms",
+                                 str(ttft_s * 1e3), "--fake-itl-ms", str(itl_s * 1e3)], stdout=sink,
+                                stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"fake backend did not start:\n{log.read_text(errors='replace')}") from None
+            time.sleep(0.05)
+
+
+def run_fake(port: int, ttft_ms: float, itl_ms: float) -> None:
+    from aiohttp import web
+
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    web.run_app(fake_backend_app(ttft_ms / 1e3, itl_ms / 1e3), host="127.0.0.1", port=port, access_log=None,
+                print=None)
+
+
 def start_router(workdir: Path, engines: list[str], policy: str, streams: int) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     cfg = {
@@ -95,54 +181,113 @@ def start_router(workdir: Path, engines: list[str], policy: str, streams: int) -
             time.sleep(0.05)
 
 
-async def run_load(targets: list[str], streams: int, requests: int, prompt_chars: int, max_tokens: int,
-                   warmup: int = 20) -> dict[str, Any]:
-    """Keep ``streams`` requests in flight over ``targets`` (round robin) until ``requests`` finished."""
-    ttft: list[float] = []
-    e2e: list[float] = []
-    errors = 0
-    issued = 0
-    base = "The router benchmark prompt. "
-    phase = next(_PHASES)
-    timeout = aiohttp.ClientTimeout(total=120)
+class _Load:
+    """Streamed ``/v1/completions`` requests over ``targets`` (round robin), each timed at the client."""
 
-    async def one(session: aiohttp.ClientSession, k: int, record: bool) -> None:
-        nonlocal errors
+    def __init__(self, targets: list[str], prompt_chars: int, max_tokens: int,
+                 extra: dict[str, Any] | None = None) -> None:
+        self.targets = targets
+        self.extra = extra or {}
+        self.prompt_chars = prompt_chars
+        self.max_tokens = max_tokens
+        self.phase = next(_PHASES)
+        self.ttft: list[float] = []
+        self.e2e: list[float] = []
+        self.errors = 0
+        self.in_flight = 0
+
+    async def one(self, session: aiohttp.ClientSession, k: int, record: bool) -> None:
+        base = "The router benchmark prompt. "
         # distinct prompts (phase and counter up front), in every phase: prefix caching flatters no target
-        prompt = (f"{phase}.{k} " + base * (prompt_chars // len(base) + 1))[:prompt_chars]
-        body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "stream": True}
+        prompt = (f"{self.phase}.{k} " + base * (self.prompt_chars // len(base) + 1))[:self.prompt_chars]
+        body = {"model": "m", "prompt": prompt, "max_tokens": self.max_tokens, "stream": True, **self.extra}
         t0 = time.perf_counter()
         first = None
+        self.in_flight += 1
         try:
-            async with session.post(f"{targets[k % len(targets)]}/v1/completions", json=body) as resp:
+            async with session.post(f"{self.targets[k % len(self.targets)]}/v1/completions", json=body) as resp:
                 async for chunk in resp.content.iter_any():
                     if first is None and b"data:" in chunk:
                         first = time.perf_counter()
                 ok = resp.status == 200 and first is not None
         except aiohttp.ClientError:
             ok = False
+        finally:
+            self.in_flight -= 1
         if not record:
             return
         if not ok or first is None:
-            errors += 1
+            self.errors += 1
             return
-        ttft.append(first - t0)
-        e2e.append(time.perf_counter() - t0)
+        self.ttft.append(first - t0)
+        self.e2e.append(time.perf_counter() - t0)
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
-        await asyncio.gather(*(one(session, -k - 1, False) for k in range(warmup)))
+    def result(self, wall: float, **extra: Any) -> dict[str, Any]:
+        return {"requests": len(self.ttft), "errors": self.errors, "wall_s": wall, "ttft_s": _pcts(self.ttft),
+                "e2e_s": _pcts(self.e2e), "throughput_rps": len(self.ttft) / wall if wall > 0 else 0.0, **extra}
+
+
+def _session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120))
+
+
+async def run_load(targets: list[str], streams: int, requests: int, prompt_chars: int, max_tokens: int,
+                   warmup: int = 20, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Closed loop: keep ``streams`` requests in flight over ``targets`` until ``requests`` finished
+    (``extra``: more body fields, e.g. a fake backend's timing)."""
+    load = _Load(targets, prompt_chars, max_tokens, extra)
+    issued = 0
+    async with _session() as session:
+        await asyncio.gather(*(load.one(session, -k - 1, False) for k in range(warmup)))
 
         async def worker() -> None:
             nonlocal issued
             while issued < requests:
                 issued += 1
-                await one(session, issued, True)
+                await load.one(session, issued, True)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(streams)))
         wall = time.perf_counter() - t0
-    return {"requests": len(ttft), "errors": errors, "wall_s": wall, "ttft_s": _pcts(ttft), "e2e_s": _pcts(e2e),
-            "throughput_rps": len(ttft) / wall if wall > 0 else 0.0}
+    return load.result(wall)
+
+
+async def run_open(targets: list[str], rate: float, requests: int, prompt_chars: int, max_tokens: int,
+                   seed: int = 0, warmup: int = 20) -> dict[str, Any]:
+    """Open loop: ``requests`` Poisson arrivals at ``rate`` req/s (the same gaps for the same seed, so
+    every target gets the same arrival pattern), each awaited; also the mean and peak of requests in
+    flight (time-weighted, sampled every 10 ms) and how late sends were."""
+    rng = random.Random(seed)
+    gaps = [rng.expovariate(rate) for _ in range(requests)]
+    load = _Load(targets, prompt_chars, max_tokens)
+    lag: list[float] = []
+    samples: list[int] = []
+    async with _session() as session:
+        await asyncio.gather(*(load.one(session, -k - 1, False) for k in range(warmup)))
+        tasks: list[asyncio.Task[None]] = []
+        done = False
+
+        async def sample() -> None:
+            while not done:
+                samples.append(load.in_flight)
+                await asyncio.sleep(0.01)
+
+        sampler = asyncio.create_task(sample())
+        t0 = time.perf_counter()
+        due = t0
+        for k, gap in enumerate(gaps):
+            due += gap
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            lag.append(time.perf_counter() - due)
+            tasks.append(asyncio.create_task(load.one(session, k, True)))
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+        done = True
+        await sampler
+    return load.result(wall, offered_rps=rate, in_flight_mean=statistics.fmean(samples) if samples else 0.0,
+                       in_flight_max=max(samples, default=0), send_lag_s=_pcts(lag))
 
 
 def _pcts(xs: list[float]) -> dict[str, float]:
@@ -255,10 +400,10 @@ def rss_mb(pid: int) -> float:
     return total / 2**20
 
 
-def measure(pid: int, url: str, load: tuple[int, int, int, int]) -> dict[str, Any]:
-    """One loaded phase through the router ``pid`` at ``url``: the load's figures, CPU and RSS."""
+def measure(pid: int, run: Any) -> dict[str, Any]:
+    """Run the load coroutine ``run`` against the router ``pid``: the load's figures, CPU and RSS."""
     cpu0 = cpu_s(pid)
-    result = asyncio.run(run_load([url], *load))
+    result: dict[str, Any] = asyncio.run(run)
     used = cpu_s(pid) - cpu0
     result["router_cpu_s"] = used
     result["router_cpu_ms_per_request"] = 1e3 * used / max(1, result["requests"])
@@ -274,20 +419,35 @@ def added(routed: dict[str, Any], direct: dict[str, Any]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", default="50,200", help="concurrent streams, comma-separated levels")
-    ap.add_argument("--requests", type=int, default=1000, help="requests per level and target")
+    ap.add_argument("--requests", type=int, default=1000, help="requests per phase, level and target")
     ap.add_argument("--engines", type=int, default=2)
-    ap.add_argument("--time-scale", type=float, default=0.1)
+    ap.add_argument("--time-scale", type=float, default=1.0, help="engine step times x this")
     ap.add_argument("--single", type=int, default=100,
                     help="requests sent one at a time per target first (0: skip), for the uncontended overhead")
     ap.add_argument("--prompt-chars", type=int, default=2000)
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=16, help="output tokens per request, open-loop phases")
+    ap.add_argument("--closed-max-tokens", type=int, default=16, help="output tokens per request, closed-loop phases")
+    ap.add_argument("--load-factor", type=float, default=0.9,
+                    help="open-loop rate as a fraction of the direct closed-loop rate at that many streams")
     ap.add_argument("--policy", default="round_robin",
                     help="every router's policy (round_robin spreads load as the direct phase does)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the open-loop arrival gaps")
     ap.add_argument("--skip-rust", action="store_true", help="measure isthmus only, not vllm-router / sglang-router")
     ap.add_argument("--rust-venv", type=Path, default=Path(tempfile.gettempdir()) / "isthmus-bench-rust-routers",
                     help="virtual environment for the Rust routers (created and filled with pip when missing)")
+    ap.add_argument("--backend", choices=("fake", "emulate"), default="fake",
+                    help="fake: fixed-timing streaming servers (what a router adds, alone); emulate: engine doubles")
+    ap.add_argument("--fake-ttft-ms", type=float, default=20.0, help="fake backend: time to the first token")
+    ap.add_argument("--fake-itl-ms", type=float, default=60.0,
+                    help="fake backend: time between tokens (streams last ttft + (max_tokens - 1) x this)")
+    ap.add_argument("--closed-fake-ms", type=float, default=2.0,
+                    help="fake backend, closed-loop phases: time to the first token and between tokens")
+    ap.add_argument("--fake-backend", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, default=None, metavar="FILE")
     args = ap.parse_args()
+    if args.fake_backend is not None:
+        run_fake(args.fake_backend, args.fake_ttft_ms, args.fake_itl_ms)
+        return
     levels = [int(x) for x in str(args.streams).split(",") if x.strip()]
     top = max(levels)
 
@@ -298,18 +458,30 @@ def main() -> None:
                          if isinstance(exe, Path) else {"available": False, "why": exe})
 
     single: dict[str, Any] = {}
-    per_level: dict[str, dict[str, Any]] = {str(n): {} for n in levels}
+    open_loop: dict[str, dict[str, Any]] = {str(n): {} for n in levels}
+    closed: dict[str, dict[str, Any]] = {str(n): {} for n in levels}
+    rates: dict[str, float] = {}
+    prompt = args.prompt_chars
+    fast = ({"fake_ttft_ms": args.closed_fake_ms, "fake_itl_ms": args.closed_fake_ms} if args.backend == "fake"
+            else None)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        engines = [start_engine(work / f"engine{k}.log", args.time_scale) for k in range(args.engines)]
+        engines = [start_fake(work / f"engine{k}.log", args.fake_ttft_ms / 1e3, args.fake_itl_ms / 1e3)
+                   if args.backend == "fake" else start_engine(work / f"engine{k}.log", args.time_scale)
+                   for k in range(args.engines)]
         urls = [u for _, u in engines]
         try:
-            one = (1, args.single, args.prompt_chars, args.max_tokens)
+            one = (1, args.single, prompt, args.max_tokens)
             if args.single:
                 single["direct"] = asyncio.run(run_load(urls, *one))
             for n in levels:
-                per_level[str(n)]["direct"] = asyncio.run(run_load(urls, n, args.requests, args.prompt_chars,
-                                                                   args.max_tokens))
+                # the open-loop rate: a fraction of what the engines sustain directly at n streams
+                calib = asyncio.run(run_load(urls, n, min(args.requests, 4 * n), prompt, args.max_tokens))
+                rates[str(n)] = args.load_factor * calib["throughput_rps"]
+                open_loop[str(n)]["direct"] = asyncio.run(run_open(urls, rates[str(n)], args.requests, prompt,
+                                                                   args.max_tokens, args.seed))
+                closed[str(n)]["direct"] = asyncio.run(run_load(urls, n, args.requests, prompt,
+                                                                args.closed_max_tokens, extra=fast))
             for name, info in routers.items():
                 if not info["available"]:
                     continue
@@ -328,35 +500,47 @@ def main() -> None:
                     if args.single:
                         single[name] = asyncio.run(run_load([url], *one))
                     for n in levels:
-                        r = measure(proc.pid, url, (n, args.requests, args.prompt_chars, args.max_tokens))
-                        r["added_ttft_s"] = added(r, per_level[str(n)]["direct"])
-                        per_level[str(n)][name] = r
+                        r = measure(proc.pid, run_open([url], rates[str(n)], args.requests, prompt, args.max_tokens,
+                                                       args.seed))
+                        r["added_ttft_s"] = added(r, open_loop[str(n)]["direct"])
+                        open_loop[str(n)][name] = r
+                        closed[str(n)][name] = measure(proc.pid, run_load([url], n, args.requests, prompt,
+                                                                          args.closed_max_tokens, extra=fast))
+                    info["rss_mb_after"] = rss_mb(proc.pid)
                 finally:
                     stop([proc])
         finally:
             stop([p for p, _ in engines])
 
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
-              "cores": psutil.cpu_count(), "routers": routers, "levels": per_level, "one_at_a_time": single}
-    print(f"{args.engines} engine doubles (time scale {args.time_scale}), {args.requests} requests per level, "
+              "cores": psutil.cpu_count(), "routers": routers, "open_loop_rate_rps": rates, "open_loop": open_loop,
+              "closed_loop": closed, "one_at_a_time": single}
+    backend = (f"fake backends (first token {args.fake_ttft_ms:g} ms, then one every {args.fake_itl_ms:g} ms)"
+               if args.backend == "fake" else f"engine doubles (time scale {args.time_scale})")
+    print(f"{args.engines} {backend}, {args.requests} requests per phase, "
           f"policy {args.policy}, {psutil.cpu_count()} cores shared by everything")
     for name, info in routers.items():
         if not info["available"]:
             print(f"{name}: not measured ({info.get('why', '')[:200]})")
     for n in levels:
-        rows = per_level[str(n)]
-        d = rows["direct"]["ttft_s"]
-        print(f"\n{n} concurrent streams: direct TTFT p50 {d.get('p50', 0) * 1e3:.2f} ms, p99 {d.get('p99', 0) * 1e3:.2f} ms, "
-              f"{rows['direct']['throughput_rps']:.1f} req/s")
-        print(f"{'router':14s} {'+p50':>9s} {'+p90':>9s} {'+p99':>9s} {'req/s':>8s} {'CPU/req':>9s} {'RSS':>8s} "
-              f"{'errors':>6s}")
+        rows = open_loop[str(n)]
+        d = rows["direct"]
+        print(f"\n{n} streams, open loop at {rates[str(n)]:.1f} req/s ({args.max_tokens} output tokens): direct TTFT "
+              f"p50 {d['ttft_s'].get('p50', 0) * 1e3:.2f} ms, p99 {d['ttft_s'].get('p99', 0) * 1e3:.2f} ms, "
+              f"{d['in_flight_mean']:.0f} in flight on average (peak {d['in_flight_max']})")
+        print(f"{'router':14s} {'+p50':>9s} {'+p90':>9s} {'+p99':>9s} {'in flight':>9s} {'CPU/req':>9s} {'errors':>6s}")
         for name, r in rows.items():
             if name == "direct":
                 continue
             a = r["added_ttft_s"]
             print(f"{name:14s} {a.get('p50', 0) * 1e3:7.2f}ms {a.get('p90', 0) * 1e3:7.2f}ms "
-                  f"{a.get('p99', 0) * 1e3:7.2f}ms {r['throughput_rps']:8.1f} {r['router_cpu_ms_per_request']:7.2f}ms "
-                  f"{r['router_rss_mb']:6.0f}MB {r['errors']:6d}")
+                  f"{a.get('p99', 0) * 1e3:7.2f}ms {r['in_flight_mean']:9.0f} {r['router_cpu_ms_per_request']:7.2f}ms "
+                  f"{r['errors']:6d}")
+        print(f"{n} streams, closed loop ({args.closed_max_tokens} output tokens): sustained req/s")
+        for name, r in closed[str(n)].items():
+            extra = "" if name == "direct" else (f"  CPU/req {r['router_cpu_ms_per_request']:.2f} ms, RSS "
+                                                 f"{r['router_rss_mb']:.0f} MB")
+            print(f"  {name:14s} {r['throughput_rps']:8.1f}  errors {r['errors']}{extra}")
     if single:
         base = single["direct"]["ttft_s"].get("p50", 0)
         print(f"\none request at a time, TTFT p50: direct {base * 1e3:.2f} ms; " + ", ".join(

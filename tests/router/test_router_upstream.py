@@ -224,3 +224,32 @@ def test_bad_origins_are_rejected() -> None:
     with pytest.raises(ValueError, match="http://"):
         Origin.from_url("https://example.com")
     assert Origin.from_url("http://h:81/base/").base_path == b"/base"
+
+
+def test_idle_timeout_counts_from_the_last_data_not_from_the_first_wait() -> None:
+    async def main() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            for _ in range(8):  # 8 x 50 ms: longer than the idle timeout in all, shorter in each gap
+                writer.write(b"1\r\nx\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(5)  # then silence
+
+        server, origin, _ = await serve(handler)
+        pool = UpstreamPool()
+        resp = await pool.request(origin, b"/x", HEAD, b"{}", connect_s=2.0, idle_s=0.2, total_s=10.0)
+        got = b""
+        loop = asyncio.get_running_loop()
+        with pytest.raises(UpstreamTimeout):
+            while True:
+                got += await resp.read()
+                last = loop.time()
+        assert got == b"x" * 8
+        assert 0.15 <= loop.time() - last < 1.0
+        resp.release()
+        pool.close()
+        server.close()
+
+    asyncio.run(main())

@@ -1,4 +1,4 @@
-"""The router's HTTP face: an OpenAI-compatible proxy (Starlette on uvicorn, upstream via aiohttp).
+"""The router's HTTP face: an OpenAI-compatible proxy (uvicorn; upstream via :mod:`.upstream`).
 
 Life of ``POST /v1/completions`` or ``/v1/chat/completions``:
 
@@ -50,7 +50,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import numpy as np
 import orjson
 from starlette.applications import Starlette
@@ -246,7 +245,7 @@ class Router:
         self.active = 0
         self.pool: UpstreamPool | None = None
         self._origins: dict[str, Origin] = {}
-        self._control: aiohttp.ClientSession | None = None
+        self._control: UpstreamPool | None = None
         self.collectors: Collectors | None = None
         events = {rid: rc.kv_events for rid, rc in zip(config.replica_ids, config.replicas, strict=True)
                   if rc.kv_events is not None} if self.keep_prefix else {}
@@ -269,7 +268,7 @@ class Router:
         """Open the upstream connection pools and start the collectors."""
         self.pool = UpstreamPool(keepalive_s=30.0, clock=self.clock)
         # probes, scrapes and polls have a pool of their own, so a saturated data path cannot delay them
-        self._control = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0))
+        self._control = UpstreamPool(keepalive_s=30.0, clock=self.clock)
         self.collectors = Collectors(self.state, self._control, sync_period_s=self.sync_period_s)
         self.collectors.start()
         self.tokenizer  # noqa: B018 - read a configured tokenizer file now, not on the first request
@@ -286,7 +285,7 @@ class Router:
         if self.pool is not None:
             self.pool.close()
         if self._control is not None:
-            await self._control.close()
+            self._control.close()
         log.info("router stopped")
 
     # ------------------------------------------------------------------ admission

@@ -42,7 +42,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import aiohttp
 import orjson
 
 from isthmus.core.perf import builtin_perf_model
@@ -51,6 +50,7 @@ from isthmus.kv_events import ClearedBlocks, KvChange, RemovedBlocks, StoredBloc
 from isthmus.router.config import RouterConfig
 from isthmus.router.reliability import Ejector, Ewma, HealthTracker
 from isthmus.router.scrape import EngineLoad, parse_engine_metrics
+from isthmus.router.upstream import Origin, UpstreamPool
 
 log = logging.getLogger("isthmus.router.state")
 
@@ -503,11 +503,29 @@ class Collectors:
     runs its calls one after another with a timeout, so a slow target never piles up requests.
     """
 
-    def __init__(self, state: ClusterState, session: aiohttp.ClientSession, *, sync_period_s: float) -> None:
+    def __init__(self, state: ClusterState, pool: UpstreamPool, *, sync_period_s: float) -> None:
         self.state = state
-        self.session = session
+        self.pool = pool
         self.sync_period_s = sync_period_s
         self._tasks: list[asyncio.Task[None]] = []
+        self._origins: dict[str, Origin] = {}
+
+    async def _get(self, base_url: str, path: bytes, auth: str | None, timeout_s: float) -> tuple[int, bytes]:
+        """``GET base_url + path``: (status, body), everything within ``timeout_s``.
+
+        Raises:
+            UpstreamError: connect failure, timeout or broken answer; ValueError: a body over 16 MiB.
+        """
+        origin = self._origins.get(base_url)
+        if origin is None:
+            origin = self._origins[base_url] = Origin.from_url(base_url)
+        head = b"authorization: %s\r\n" % auth.encode("latin-1") if auth else b""
+        resp = await self.pool.request(origin, path, head, b"", connect_s=timeout_s, idle_s=timeout_s,
+                                       total_s=timeout_s, method=b"GET")
+        try:
+            return resp.status, await resp.read_all(1 << 24)
+        finally:
+            resp.release()
 
     def start(self) -> None:
         """Start every loop (call from the running event loop)."""
@@ -537,18 +555,16 @@ class Collectors:
     async def _scrape_loop(self, r: ReplicaState) -> None:
         st = self.state
         period = st.config.scrape_period_s
-        timeout = aiohttp.ClientTimeout(total=max(0.5, min(5.0, 10 * period)))
-        headers = {"Authorization": r.auth} if r.auth else {}
-        url = f"{r.url}/metrics"
+        timeout = max(0.5, min(5.0, 10 * period))
         while True:
             t0 = st.clock()
             epoch = r.scrape_started()
             try:
-                async with self.session.get(url, timeout=timeout, headers=headers) as resp:
-                    if resp.status != 200:
-                        raise ValueError(f"status {resp.status}")
-                    text = await resp.text()
-                load = parse_engine_metrics(text, "sglang" if r.engine == "sglang" else "vllm")
+                status, body = await self._get(r.url, b"/metrics", r.auth, timeout)
+                if status != 200:
+                    raise ValueError(f"status {status}")
+                load = parse_engine_metrics(body.decode("utf-8", "replace"), "sglang" if r.engine == "sglang"
+                                            else "vllm")
                 if r.apply_scrape(load, epoch, st.clock()):
                     log.info("replica %s reports %d KV blocks: prefix mirror resized", r.id, r.capacity_blocks)
                     st._rebuild_mirror()
@@ -563,16 +579,12 @@ class Collectors:
     async def _probe_loop(self, name: str, base_url: str, auth: str | None, health: HealthTracker, rtt: Ewma) -> None:
         st = self.state
         cfg = st.config.health
-        timeout = aiohttp.ClientTimeout(total=cfg.probe_timeout_s)
-        headers = {"Authorization": auth} if auth else {}
-        url = f"{base_url}/health"
         while True:
             t0 = st.clock()
             ok = False
             try:
-                async with self.session.get(url, timeout=timeout, headers=headers) as resp:
-                    await resp.read()
-                    ok = resp.status == 200
+                status, _ = await self._get(base_url, b"/health", auth, cfg.probe_timeout_s)
+                ok = status == 200
                 if ok:
                     rtt.add(st.clock() - t0)
             except asyncio.CancelledError:
@@ -585,16 +597,14 @@ class Collectors:
 
     async def _poll_loop(self, peer: PeerState) -> None:
         st = self.state
-        timeout = aiohttp.ClientTimeout(total=max(1.0, st.config.health.probe_timeout_s))
-        headers = {"Authorization": peer.auth} if peer.auth else {}
-        url = f"{peer.url}/isthmus/summary"
+        timeout = max(1.0, st.config.health.probe_timeout_s)
         while True:
             t0 = st.clock()
             try:
-                async with self.session.get(url, timeout=timeout, headers=headers) as resp:
-                    if resp.status != 200:
-                        raise ValueError(f"status {resp.status}")
-                    data = orjson.loads(await resp.read())
+                status, body = await self._get(peer.url, b"/isthmus/summary", peer.auth, timeout)
+                if status != 200:
+                    raise ValueError(f"status {status}")
+                data = orjson.loads(body)
                 st.apply_summary(peer, data, st.clock())
             except asyncio.CancelledError:
                 raise

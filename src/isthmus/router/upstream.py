@@ -2,9 +2,10 @@
 
 Built on asyncio protocols with ``httptools`` (llhttp) parsing the responses, so a relayed stream costs
 one read and one callback per upstream segment: no per-chunk task switch, no header multidict, no
-timer object per read. It does only what the proxy needs: ``POST`` with a body in memory, keep-alive
-pooling per origin, and the three timeouts of :class:`~isthmus.router.config.TimeoutsConfig`.
-Scrapes, probes and peer polls use aiohttp on a session of their own.
+timer object per read. It does only what the router needs: ``POST`` with a body in memory and ``GET``,
+keep-alive pooling per origin, and the three timeouts of :class:`~isthmus.router.config.TimeoutsConfig`.
+The data path and the collectors (scrapes, probes, peer polls) use pools of their own, so a
+saturated data path cannot delay a probe.
 
 Contract:
 
@@ -121,6 +122,8 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.error: UpstreamError | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.wait_until = 0.0  # loop time at which the current wait times out
+        self.timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -191,17 +194,36 @@ class _Connection(asyncio.Protocol):
             w.set_result(None)
 
     async def wait(self, timeout_s: float) -> None:
-        """Until the next parser event or the connection's end; :class:`UpstreamTimeout` after ``timeout_s``."""
+        """Until the next parser event or the connection's end; :class:`UpstreamTimeout` after ``timeout_s``.
+
+        One timer per connection, re-armed only when it fires early: a stream's many short waits
+        cost no timer objects.
+        """
         if timeout_s <= 0:
             raise UpstreamTimeout("the upstream exchange ran out of time")
-        waiter = self.loop.create_future()
+        loop = self.loop
+        waiter = loop.create_future()
         self.waiter = waiter
-        timer = self.loop.call_later(timeout_s, _expire, waiter)
+        self.wait_until = loop.time() + timeout_s
+        timer = self.timer
+        if timer is None or timer.when() > self.wait_until:  # none, or set for a later instant
+            if timer is not None:
+                timer.cancel()
+            self.timer = loop.call_at(self.wait_until, self._on_timer)
         try:
             await waiter
         finally:
-            timer.cancel()
             self.waiter = None
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        if self.loop.time() >= self.wait_until:
+            waiter.set_exception(UpstreamTimeout("no data from upstream in time"))
+        else:  # the wait it was set for ended; a later one is still running
+            self.timer = self.loop.call_at(self.wait_until, self._on_timer)
 
     def take(self) -> bytes:
         """Every buffered body byte (resumes reading if flow control had paused it)."""
@@ -218,11 +240,12 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True
+        self.cancel_timer()
 
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(UpstreamTimeout("no data from upstream in time"))
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 class UpstreamResponse:
@@ -321,9 +344,10 @@ class UpstreamPool:
         self._closed = False
 
     async def request(self, origin: Origin, path: bytes, head: bytes, body: bytes, *, connect_s: float,
-                      idle_s: float, total_s: float) -> UpstreamResponse:
+                      idle_s: float, total_s: float, method: bytes = b"POST") -> UpstreamResponse:
         """``POST origin.base_path + path`` with the header lines ``head`` (each ending in CRLF, no
         ``Host`` or ``Content-Length``) and ``body``; returns at the end of the response headers.
+        ``method=b"GET"`` sends no body (``body`` must be empty).
 
         Args:
             connect_s: longest wait to open a connection.
@@ -336,8 +360,9 @@ class UpstreamPool:
         if self._closed:
             raise UpstreamConnectError("the upstream pool is closed")
         deadline = self.clock() + total_s
-        message = b"".join((b"POST ", origin.base_path, path, b" HTTP/1.1\r\nhost: ", origin.host_header,
-                            b"\r\n", head, b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body))
+        length = b"content-length: %d\r\n" % len(body) if body or method != b"GET" else b""
+        message = b"".join((method, b" ", origin.base_path, path, b" HTTP/1.1\r\nhost: ", origin.host_header,
+                            b"\r\n", head, length, b"\r\n", body))
         key = (origin.host, origin.port)
         while True:
             conn = self._get(key)
@@ -398,6 +423,7 @@ class UpstreamPool:
             return
         conn.idle_since = self.clock()
         conn.waiter = None
+        conn.cancel_timer()
         idle.append(conn)
 
     def idle_connections(self) -> int:
