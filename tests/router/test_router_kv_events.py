@@ -45,7 +45,7 @@ def test_decode_batch_accepts_both_encodings_and_extra_fields() -> None:
                                ["BlockStored", [3], None, [5] * 16, 16, None, "CPU"],
                                ["BlockRemoved", [9], "GPU"], ["Unknown", 1], ["AllBlocksCleared"]], 0, "more"])
     changes, skipped = decode_batch(arr)
-    assert changes == [StoredBlocks((1, 2)), RemovedBlocks((9,)), ClearedBlocks()]
+    assert changes == [StoredBlocks((1, 2), None, (5,) * 32, 16), RemovedBlocks((9,)), ClearedBlocks()]
     assert skipped == 2
     mp = msgpack.packb({"ts": 1.0, "events": [
         {"type": "BlockStored", "block_hashes": [4], "parent_block_hash": 2, "new_field": 1},
@@ -58,6 +58,36 @@ def test_decode_batch_accepts_both_encodings_and_extra_fields() -> None:
             decode_batch(bad)
     with pytest.raises(MalformedBatch):
         decode_batch(mp, "array")
+    # vLLM 0.3x: an array batch whose events are tagged maps
+    mixed = msgpack.packb([1.0, [{"type": "BlockStored", "block_hashes": [7], "parent_block_hash": None,
+                                  "token_ids": [1] * 16, "block_size": 16, "medium": "GPU"},
+                                 {"type": "AllBlocksCleared"}], 0])
+    assert decode_batch(mixed) == ([StoredBlocks((7,), None, (1,) * 16, 16), ClearedBlocks()], 0)
+
+
+def test_engine_hashes_of_another_kind_are_translated_to_the_routers() -> None:
+    """A vLLM-like engine names blocks its own way (sha256) but sends their tokens: the mirror learns
+    the router's names, chains children through their parent, and translates evictions."""
+    from isthmus.router.config import RouterConfig
+    from isthmus.router.state import ClusterState
+
+    cfg = RouterConfig.model_validate({
+        "region": "east", "models": ["m"], "policy": {"name": "prefix_trie"},
+        "replicas": [{"url": "http://h:1", "region": "east", "gpu": "A100", "model": "Mistral-7B",
+                      "num_kv_blocks": 64}]})
+    st = ClusterState(cfg, keep_prefix=True, clock=lambda: 0.0)
+    tokens = list(range(1000, 1064))  # 4 blocks
+    ours = hash_token_blocks(tokens, 16)
+    theirs = (11, 12, 13, 14)
+    st.apply_kv_events(RID, [StoredBlocks(theirs[:2], None, tuple(tokens[:32]), 16)])
+    st.apply_kv_events(RID, [StoredBlocks(theirs[2:], theirs[1], tuple(tokens[32:]), 16)])
+    assert st.matched_blocks(ours, RID) == 4
+    st.apply_kv_events(RID, [RemovedBlocks((theirs[3],))])
+    assert st.matched_blocks(ours, RID) == 3
+    st.apply_kv_events(RID, [StoredBlocks((99,), None, (1,) * 8, 8)])  # another block size: taken as is
+    assert st.matched_blocks((99,), RID) == 1
+    st.apply_kv_events(RID, [ClearedBlocks()])
+    assert st.matched_blocks(ours, RID) == 0
 
 
 def wait_joined(emu: Emulator, rt: Any, tag: str) -> None:
@@ -147,3 +177,18 @@ def test_malformed_messages_do_not_stop_the_subscriber() -> None:
     finally:
         pub.close()
         ctx.term()
+
+
+def test_capacity_in_engine_blocks_of_another_size_is_converted() -> None:
+    from isthmus.router.config import RouterConfig
+    from isthmus.router.scrape import EngineLoad
+    from isthmus.router.state import ClusterState
+
+    cfg = RouterConfig.model_validate({
+        "region": "east", "models": ["m"], "policy": {"name": "prefix_trie"},
+        "replicas": [{"url": "http://h:1", "region": "east", "gpu": "A100", "model": "Mistral-7B"}]})
+    st = ClusterState(cfg, keep_prefix=True, clock=lambda: 0.0)
+    r = st.replicas[RID]
+    load = EngineLoad(running=0, waiting=0, kv_usage=0.0, num_kv_blocks=100, block_size=128)
+    assert r.apply_scrape(load, r.scrape_started(), 1.0, block_size=16)
+    assert r.capacity_blocks == 800

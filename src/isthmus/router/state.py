@@ -44,6 +44,7 @@ from typing import Any
 
 import orjson
 
+from isthmus.core.hashing import ROOT_HASH, hash_token_blocks
 from isthmus.core.perf import builtin_perf_model
 from isthmus.core.snapshot import ClusterSnapshot, InstanceView, NoPrefixInfo, PrefixIndex, PrefixIndexView
 from isthmus.kv_events import ClearedBlocks, KvChange, RemovedBlocks, StoredBlocks
@@ -130,17 +131,23 @@ class ReplicaState:
         self._epoch += 1
         return self._epoch
 
-    def apply_scrape(self, load: EngineLoad, epoch: int, now: float) -> bool:
-        """Take the result of the scrape of ``epoch``; return whether the KV capacity changed."""
+    def apply_scrape(self, load: EngineLoad, epoch: int, now: float, block_size: int = 0) -> bool:
+        """Take the result of the scrape of ``epoch``; return whether the KV capacity changed.
+
+        ``block_size``: the router's tokens per block; an engine reporting blocks of another size
+        has its capacity converted to the router's blocks.
+        """
         self.load = load
         self.scraped_at = now
         self.scrapes += 1
         self._applied_epoch = epoch
         for e in [e for e in self._fresh if e < epoch]:
             del self._fresh[e]
-        if (not self.capacity_fixed and load.num_kv_blocks is not None
-                and load.num_kv_blocks != self.capacity_blocks):
-            self.capacity_blocks = load.num_kv_blocks
+        blocks = load.num_kv_blocks
+        if blocks is not None and block_size and load.block_size and load.block_size != block_size:
+            blocks = max(1, blocks * load.block_size // block_size)
+        if not self.capacity_fixed and blocks is not None and blocks != self.capacity_blocks:
+            self.capacity_blocks = blocks
             return True
         return False
 
@@ -303,6 +310,7 @@ class ClusterState:
         self._intra_s = config.regions.intra_region_rtt_ms / 1000.0
         self._measure = config.regions.measure
         self.mirror: PrefixIndex | None = None
+        self._engine_names: dict[str, dict[int, int]] = {}  # per replica: engine block hash -> router hash
         self.peer_mirror: PrefixIndex | None = None
         self._prefix: PrefixIndexView = NoPrefixInfo()
         self._rebuild_mirror()
@@ -312,6 +320,7 @@ class ClusterState:
         if not self.keep_prefix:
             return
         self.mirror = PrefixIndex({rid: self.replicas[rid].capacity_blocks for rid in self.local_ids})
+        self._engine_names.clear()
         self._refresh_prefix_view()
 
     def _rebuild_peer_mirror(self) -> None:
@@ -350,6 +359,7 @@ class ClusterState:
         mirror = self.mirror
         if mirror is None or not self.keep_prefix or replica_id not in self.local_ids:
             return
+        names = self._engine_names.setdefault(replica_id, {})
         stored: list[tuple[int, ...]] = []
 
         def flush() -> None:
@@ -360,14 +370,35 @@ class ClusterState:
 
         for c in changes:
             if isinstance(c, StoredBlocks):
-                stored.append(c.block_hashes)
+                stored.append(self._router_hashes(c, names))
                 continue
             flush()
             if isinstance(c, RemovedBlocks):
-                mirror.remove(replica_id, c.block_hashes)
+                mirror.remove(replica_id, tuple(names.pop(h, h) for h in c.block_hashes) if names
+                              else c.block_hashes)
             elif isinstance(c, ClearedBlocks):
                 mirror.clear(replica_id)
+                names.clear()
         flush()
+
+    def _router_hashes(self, c: StoredBlocks, names: dict[int, int]) -> tuple[int, ...]:
+        """The router's own hashes of a stored run.
+
+        An engine that hashes as the router does (the engine double) sends them as they are. Another
+        (vLLM hashes with sha256) sends the run's token ids: they are hashed the router's way, chained
+        from the router's name of the parent block, and the engine's names of the blocks remembered
+        in ``names`` (engine hash -> router hash, per replica, emptied as blocks are evicted) so that
+        later evictions and children can be translated. Without token ids, or with another block
+        size, the engine's hashes are taken as they are.
+        """
+        bs = self.block_size
+        if not c.token_ids or c.block_size != bs or len(c.token_ids) != bs * len(c.block_hashes):
+            return c.block_hashes
+        parent = ROOT_HASH if c.parent_block_hash is None else names.get(c.parent_block_hash, c.parent_block_hash)
+        ours = hash_token_blocks(c.token_ids, bs, parent)
+        if ours != c.block_hashes:
+            names.update(zip(c.block_hashes, ours, strict=True))
+        return ours
 
     # ------------------------------------------------------------------ RTT
     def measured_rtt_s(self, region: str) -> float:
@@ -436,8 +467,14 @@ class ClusterState:
             })
         return {"region": self.here, "replicas": out}
 
-    def apply_summary(self, peer: PeerState, data: Any, now: float) -> None:
+    def apply_summary(self, peer: PeerState, data: Any, now: float, asked_at: float | None = None) -> None:
         """Take a peer's summary; replicas it no longer reports are dropped.
+
+        ``asked_at``: when the poll was sent (default ``now``). The peer built its summary about one
+        one-way delay after that, and every request this router forwarded since ``asked_at`` may be
+        missing from it, so its views age from ``asked_at``: a policy that adds what it forwarded
+        since the view (``now - age``) then counts those requests instead of losing them for a
+        round trip.
 
         Raises:
             ValueError: the summary is malformed.
@@ -480,7 +517,7 @@ class ClusterState:
                 changed = True
             r.url = url
             r.reported = view
-            r.reported_at = now
+            r.reported_at = now if asked_at is None else min(asked_at, now)
         for rid in [rid for rid, r in self.replicas.items()
                     if not r.local and r.region == peer.region and rid not in seen]:
             if self.replicas[rid].in_flight == 0:
@@ -556,6 +593,7 @@ class Collectors:
         st = self.state
         period = st.config.scrape_period_s
         timeout = max(0.5, min(5.0, 10 * period))
+        warned = False
         while True:
             t0 = st.clock()
             epoch = r.scrape_started()
@@ -565,7 +603,12 @@ class Collectors:
                     raise ValueError(f"status {status}")
                 load = parse_engine_metrics(body.decode("utf-8", "replace"), "sglang" if r.engine == "sglang"
                                             else "vllm")
-                if r.apply_scrape(load, epoch, st.clock()):
+                if load.block_size and load.block_size != st.block_size and not warned:
+                    warned = True
+                    log.warning("replica %s caches blocks of %d tokens, the router hashes blocks of %d: set "
+                                "block_size: %d in the router config for its KV events to be usable", r.id,
+                                load.block_size, st.block_size, load.block_size)
+                if r.apply_scrape(load, epoch, st.clock(), st.block_size):
                     log.info("replica %s reports %d KV blocks: prefix mirror resized", r.id, r.capacity_blocks)
                     st._rebuild_mirror()
             except asyncio.CancelledError:
@@ -605,7 +648,7 @@ class Collectors:
                 if status != 200:
                     raise ValueError(f"status {status}")
                 data = orjson.loads(body)
-                st.apply_summary(peer, data, st.clock())
+                st.apply_summary(peer, data, st.clock(), asked_at=t0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a failed poll: keep the last view, which ages
