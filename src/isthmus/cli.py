@@ -26,7 +26,8 @@ T = TypeVar("T")
 
 
 def build_app() -> typer.Typer:
-    """The command tree: ``simulate``, ``sweep``, ``validate``, ``emulate``, ``serve``, ``testbed`` and ``bench``."""
+    """The command tree: ``simulate``, ``sweep``, ``validate``, ``emulate``, ``serve``, ``testbed``, ``bench`` and
+    ``compare``."""
     app = typer.Typer(
         help="Route LLM inference across regions: simulate routing policies on real traces, validate the engine model, "
              "serve, emulate, and measure on a local multi-region testbed.",
@@ -40,6 +41,7 @@ def build_app() -> typer.Typer:
     # the live faces: their command functions live beside their packages and import their
     # server dependencies only when run
     from isthmus.bench.bench_cli import bench
+    from isthmus.bench.compare_cli import compare
     from isthmus.bench.testbed_cli import testbed
     from isthmus.emulator.cli import emulate
     from isthmus.router.cli import serve
@@ -48,6 +50,7 @@ def build_app() -> typer.Typer:
     app.command()(serve)
     app.command()(testbed)
     app.command()(bench)
+    app.command()(compare)
     return app
 
 

@@ -23,7 +23,9 @@ The routers' view matches the scaled network: each router config carries the sce
 ``time_scale`` (``regions.rtt_ms``, probes off by default, so policies see exactly the network the
 relays make; ``measure_rtt=True`` lets probes through the relays refine it). Router timings given
 in modelled seconds (the policy's ``sync_period_s`` and ``recheck_s``) are multiplied by
-``time_scale``; engine metrics are scraped every ``min(0.1, max(0.02, 0.1 x time_scale))`` s.
+``time_scale``; engine metrics are scraped every ``min(0.1, max(0.02, 0.1 x time_scale))`` s. The
+routers' timeouts (idle, total, held-request wait) and concurrency limit are lifted, as the
+simulator has none: a long queue shows as latency, not as 504 / 503 / 429 answers.
 
 Time: ``time_scale`` is wall seconds per modelled second, as for ``isthmus emulate``: 0.1 runs
 engines and network 10x faster than real; a modelled 183 ms RTT becomes 18.3 ms.
@@ -81,6 +83,9 @@ _ROUTER_READY = re.compile(rb"isthmus serve: routing on http://[^\s:]+:(\d+)")
 _HEALTHY_GAUGE = re.compile(r'^isthmus_router_replica_healthy\{([^}]*)\}\s+(\S+)', re.M)
 
 RouterKind = Literal["isthmus", "external"]
+
+_NO_LIMIT_S = 86_400.0
+"""Router timeouts (idle, total, held-request wait) on the testbed, wall seconds: none in practice."""
 
 
 class TestbedError(IsthmusError):
@@ -377,6 +382,10 @@ class Testbed:
             "recheck_s": rs.recheck_s * ts,
             "block_size": plan.replicas[0].block_size,
             "drain_s": 2.0,
+            # the simulator has no timeouts or admission limits: a replica queue minutes long
+            # (prefix_trie on gorgo_v1) must show as latency, not as 504s and 503s (wall seconds)
+            "timeouts": {"idle_s": _NO_LIMIT_S, "total_s": _NO_LIMIT_S},
+            "limits": {"queue_wait_s": _NO_LIMIT_S, "max_concurrent": 1 << 20},
             "log_level": "info",
         }
         if self.mode == "regional":

@@ -129,6 +129,7 @@ class Replica:
         self.waiting: deque[_Seq] = deque()
         self._seqs: dict[str, _Seq] = {}
         self._running_prompt_tokens = 0
+        self._prefilling_prompt_tokens = 0  # prompt tokens of running requests without a first token
         self._waiting_tokens = 0
         self.prefix_queries_tokens = 0
         self.prefix_hits_tokens = 0
@@ -159,6 +160,8 @@ class Replica:
         if s in self.running:
             self.running.remove(s)
             self._running_prompt_tokens -= s.prompt
+            if s.out == 0:
+                self._prefilling_prompt_tokens -= s.prompt
         else:
             self.waiting.remove(s)
             self._waiting_tokens -= s.prompt + s.out - s.computed
@@ -169,6 +172,13 @@ class Replica:
     @property
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
+
+    @property
+    def prefilling_prompt_tokens(self) -> int:
+        """Prompt tokens of the running requests that have not produced their first token yet (in
+        prefill, chunked or not): work a router that counts its requests without a first byte still
+        sees as queued."""
+        return self._prefilling_prompt_tokens
 
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._seqs
@@ -227,6 +237,8 @@ class Replica:
         s.preemptions += 1
         self.preemptions += 1
         self._running_prompt_tokens -= s.prompt
+        if s.out == 0:
+            self._prefilling_prompt_tokens -= s.prompt
         self._waiting_tokens += s.prompt + s.out
         self.waiting.appendleft(s)
         result.preempted.append(s.req.id)
@@ -297,6 +309,8 @@ class Replica:
                     s.first_scheduled_at = now
                 self._waiting_tokens -= total
                 self._running_prompt_tokens += s.prompt
+                if s.out == 0:
+                    self._prefilling_prompt_tokens += s.prompt
                 running.append(s)
                 scheduled.append((s, n))
                 budget -= n
@@ -339,6 +353,7 @@ class Replica:
                     sampled.append(s.req.id)
                 if s.out == 1:
                     s.first_token_at = end
+                    self._prefilling_prompt_tokens -= s.prompt
                     result.first_tokens.append(s.req.id)
                 if s.out >= s.target:
                     any_done = True
@@ -411,4 +426,5 @@ class Replica:
             assert self.pool._ref[b] == c, f"block {b}: {self.pool._ref[b]} refs, {c} holders"
         assert sum(self.pool._ref) == sum(referenced.values())
         assert self._running_prompt_tokens == sum(s.prompt for s in self.running)
+        assert self._prefilling_prompt_tokens == sum(s.prompt for s in self.running if s.out == 0)
         assert self._waiting_tokens == sum(s.prompt + s.out - s.computed for s in self.waiting)

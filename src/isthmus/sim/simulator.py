@@ -34,6 +34,7 @@ the part of its prompt that replica does not hold, at the moment it is sent.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import time
@@ -320,8 +321,15 @@ class Simulation:
             loop.schedule(now + res.duration, STEP_END, STEP_END, (rep, res.finished))
 
         def fresh_view(i: int) -> InstanceView:
-            return replicas[i].view(extra_waiting=in_transit[i], extra_waiting_tokens=in_transit_tokens[i],
-                                    in_flight=in_flight[i], prefill_s_per_token=t_p[i])
+            # token counts as a router keeps them (isthmus.router.state): a request's prompt counts as
+            # queued until its first token, in transit, waiting or in prefill, then as running
+            rep = replicas[i]
+            pre = rep.prefilling_prompt_tokens
+            v = rep.view(extra_waiting=in_transit[i], extra_waiting_tokens=in_transit_tokens[i] + pre,
+                         in_flight=in_flight[i], prefill_s_per_token=t_p[i])
+            if pre:
+                v = dataclasses.replace(v, running_tokens=v.running_tokens - pre)
+            return v
 
         def sync(router: _Router, now: float) -> None:
             local = local_reps[router.index]
