@@ -4,16 +4,22 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint typecheck bench clean
+.PHONY: demo demo-sim test test-slow lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,plot,serve,tokenizer]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,plot,serve,tokenizer,learn]'
 	touch $(STAMP)
 
+# the live demo: a three-region testbed on this machine, gorgo_proxy and least_load over real HTTP,
+# each beside the simulator's prediction for the same requests (under 3 minutes)
 demo: $(STAMP)
-	$(BIN)/isthmus simulate scenarios/mooncake_3region.yaml --json out/demo.json --plot out/demo_ttft_cdf.png
+	$(BIN)/isthmus compare scenarios/demo_live.yaml --json out/demo.json
+
+# every policy on the 3 x 4-replica Mooncake scenario, simulated only
+demo-sim: $(STAMP)
+	$(BIN)/isthmus simulate scenarios/mooncake_3region.yaml --json out/demo_sim.json --plot out/demo_ttft_cdf.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
