@@ -11,6 +11,7 @@ from isthmus.policies.basic import (
     make_round_robin,
 )
 from isthmus.policies.gorgo import GorgoPolicy, GorgoProxyPolicy, make_gorgo, make_gorgo_proxy
+from isthmus.policies.lodestar import LodestarPolicy, make_lodestar
 from isthmus.policies.preble import PreblePolicy, make_preble
 from isthmus.policies.prefix import CacheAwarePolicy, PrefixTriePolicy, make_cache_aware, make_prefix_trie
 from isthmus.policies.weighted import WeightedPolicy, make_weighted
@@ -29,6 +30,7 @@ def default_registry() -> PolicyRegistry:
     reg.register("preble", make_preble)
     reg.register("gorgo_proxy", make_gorgo_proxy)
     reg.register("gorgo", make_gorgo)
+    reg.register("lodestar", make_lodestar)
     return reg
 
 
@@ -38,6 +40,7 @@ __all__ = [
     "GorgoProxyPolicy",
     "HashRing",
     "LeastLoadPolicy",
+    "LodestarPolicy",
     "PreblePolicy",
     "PrefixTriePolicy",
     "RandomPolicy",

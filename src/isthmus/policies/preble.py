@@ -107,6 +107,17 @@ class PreblePolicy:
         """``W(replica)`` as of the last decision, seconds."""
         return self._window_cost.get(replica, 0.0)
 
+    def note_routed(self, now: float, replica: str, cost_s: float) -> None:
+        """Count in ``W(replica)`` a request that another policy routed to ``replica`` at ``now``.
+
+        ``cost_s`` is its ``prefill_s + decode_s`` as defined in the class docstring, seconds. A
+        policy that uses ``preble`` as its fallback (``lodestar``) calls this for the requests it
+        routes itself, so the window costs stay those of the whole traffic. ``now`` must not
+        decrease between calls, as for :meth:`choose`.
+        """
+        self._prune(now)
+        self._record(now, replica, cost_s)
+
     def _prune(self, now: float) -> None:
         horizon = now - self.params.window_s
         recs = self._records
