@@ -657,7 +657,7 @@ def count_requests(sc: Scenario, seed: int) -> tuple[int, float]:
     return n, last
 
 
-def run_bench(scenario: Scenario | str | Path, manifest: Manifest | str | Path | None = None, *,
+def run_bench(scenario: Scenario | str | Path, manifest: Manifest | Mapping[str, Any] | str | Path | None = None, *,
               target: str | None = None, model: str | None = None, limit: int | None = None,
               rate: float | None = None, time_scale: float | None = None,
               timeout_s: float = DEFAULT_TIMEOUT_S, seed: int | None = None, label: str | None = None,
@@ -668,7 +668,8 @@ def run_bench(scenario: Scenario | str | Path, manifest: Manifest | str | Path |
 
     Args:
         scenario: a :class:`~isthmus.sim.scenario.Scenario` or its YAML path (workload, origins).
-        manifest: the testbed manifest (or its path): entry points, model, time scale, label.
+        manifest: the testbed manifest (as read, as ``Testbed.start`` returns it, or its path): entry
+            points, model, time scale, label.
         target: one base URL for every origin instead (exactly one of ``manifest``/``target``).
         model: the ``model`` field; default the manifest's, else ``None`` (field left out).
         limit, rate: see :func:`prepare_scenario`.
@@ -694,7 +695,8 @@ def run_bench(scenario: Scenario | str | Path, manifest: Manifest | str | Path |
         raise ConfigError(f"seed must be >= 0, got {run_seed}")
     metrics_urls: list[str]
     if manifest is not None:
-        man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+        man = (manifest if isinstance(manifest, Manifest) else Manifest.from_dict(dict(manifest), None)
+               if isinstance(manifest, Mapping) else load_manifest(manifest))
         targets = Targets.of_manifest(man)
         scale = man.time_scale if time_scale is None else time_scale
         model = man.model if model is None else model
