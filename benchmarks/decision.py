@@ -25,7 +25,17 @@ each policy's ``own`` time, ``choose`` over the same snapshots whose prefix view
 table computed beforehand (same answers, one dict lookup).
 
 Reported per (policy, replicas): p50, p99 and mean microseconds over ``--iterations`` calls after a
-warm-up, with and without the prefix lookup. Target: p99 < 100 us at 32 replicas.
+warm-up, with and without the prefix lookup. Target: p99 < 100 us at 32 replicas for the heuristic
+policies.
+
+``lodestar`` runs with a trained model (the paper's 3 x 128 MLP, fitted before timing on feature
+rows of these cases labelled with a synthetic TTFT: RTT + prefill time of queued and uncached
+tokens), so its figures are those of the model path: features for every candidate, one batched
+forward pass, argmin. It is timed at ``--lodestar-sizes`` (8, 32, 128 replicas) too, with the share
+of decisions its model made (the rest fell back to Preble: KV-pressure narrowing still scores with
+the model). Its target is p99 < 500 us at 32 replicas and is not part of the 100 us check. The
+benchmark limits BLAS to one thread (threadpoolctl, the ``learn`` extra), as a router's decision
+path should run: a multi-threaded matrix product per decision costs milliseconds on a busy host.
 
 Usage::
 
@@ -51,6 +61,7 @@ from isthmus.core.request import Request
 from isthmus.core.snapshot import ClusterSnapshot, InstanceView, PrefixIndex
 from isthmus.core.topology import Topology
 from isthmus.policies import default_registry
+from isthmus.policies.lodestar import LodestarPolicy, TrainingSet, feature_matrix
 
 REGIONS = ("us-west", "germany", "israel")
 RTT_MS = {("us-west", "germany"): 281.0, ("us-west", "israel"): 183.0, ("germany", "israel"): 60.0}
@@ -63,6 +74,7 @@ CONVERSATIONS_PER_REPLICA = 12
 KV_BLOCKS_PER_REPLICA = 30_000  # ~480k tokens: an 8B model on an 80 GB GPU
 T_P = {"A100": 0.0938e-3, "H100": 0.04e-3}
 TARGET_P99_US_AT_32 = 100.0
+LODESTAR_TARGET_P99_US_AT_32 = 500.0
 POOL = 512  # distinct (request, snapshot) pairs per size
 
 
@@ -161,6 +173,28 @@ def time_calls(fn: Callable[[Request, ClusterSnapshot], object], cases: list[tup
     return out
 
 
+def trained_lodestar(seed: int) -> LodestarPolicy:
+    """``lodestar`` with default (paper) parameters and a model fitted on this benchmark's cases.
+
+    Rows: the features of every available replica of 32- and 128-replica cases; label: a synthetic
+    TTFT, ``RTT(origin, region) + t_p * (queued prefill tokens + uncached prompt tokens)`` seconds,
+    times lognormal noise. 30 epochs over ~20k rows (the paper's replay + window sizes).
+    """
+    rng = np.random.default_rng(seed)
+    policy = default_registry().create("lodestar", rng=np.random.default_rng(seed))
+    assert isinstance(policy, LodestarPolicy)
+    rows: list[np.ndarray] = []
+    for n in (32, 128):
+        for req, snap in build_cases(n, seed + n):
+            views = [v for v in snap.instances.values() if v.healthy and not v.full]
+            rows.append(feature_matrix(req, snap, views, snap.prefix.match(req.block_hashes), 0.0938e-3))
+    x = np.concatenate(rows)
+    y = (x[:, 10] + x[:, 9] + x[:, 8]) * rng.lognormal(0.0, 0.1, len(x))
+    trainer = policy.new_trainer()
+    policy.install(trainer.fit(TrainingSet(x, y, len(x), seed)))
+    return policy
+
+
 def figures(ns: np.ndarray) -> dict[str, float]:
     us = ns / 1000.0
     return {"p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99)),
@@ -173,12 +207,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=2000, help="timed calls per (policy, size)")
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--policies", default="", help="comma-separated subset (default: every registered)")
+    ap.add_argument("--lodestar-sizes", default="8,32,128", help="replica counts for lodestar alone")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     reg = default_registry()
     names = [p for p in args.policies.split(",") if p] or reg.names()
+    lodestar = trained_lodestar(args.seed) if "lodestar" in names else None
+    # One BLAS thread, as a router's decision path should run: lodestar's 128-wide matrix products
+    # would otherwise wake BLAS worker threads per decision, which costs milliseconds on a busy host.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
+
+    def make(name: str) -> Any:
+        if name == "lodestar":
+            assert lodestar is not None
+            fresh = default_registry().create("lodestar", rng=np.random.default_rng(args.seed))
+            assert isinstance(fresh, LodestarPolicy) and lodestar.model is not None
+            fresh.install(lodestar.model)
+            return fresh
+        return reg.create(name, rng=np.random.default_rng(args.seed))
     rows: list[dict[str, Any]] = []
     print(f"choose() latency, microseconds: {PROMPT_BLOCKS * BLOCK}-token prompts ({PROMPT_BLOCKS} block hashes), "
           f"{args.iterations} calls each; 'own' = same calls with the prefix lookup answered from a table")
@@ -196,12 +246,10 @@ def main(argv: list[str] | None = None) -> int:
                 own = {"p50_us": float("nan"), "p99_us": float("nan"), "mean_us": float("nan")}
             else:
                 gc.collect()
-                fig = figures(time_calls(reg.create(name, rng=np.random.default_rng(args.seed)).choose, cases,
-                                         args.iterations, args.warmup))
+                fig = figures(time_calls(make(name).choose, cases, args.iterations, args.warmup))
                 gc.collect()
-                own = figures(time_calls(reg.create(name, rng=np.random.default_rng(args.seed)).choose, cheap,
-                                         args.iterations, args.warmup))
-                if n == 32:
+                own = figures(time_calls(make(name).choose, cheap, args.iterations, args.warmup))
+                if n == 32 and name != "lodestar":
                     p99_at_32[name] = fig["p99_us"]
             rows.append({"policy": name, "replicas": n, "iterations": args.iterations, **fig,
                          **{f"own_{k}": v for k, v in own.items()}})
@@ -213,12 +261,31 @@ def main(argv: list[str] | None = None) -> int:
         met = p99_at_32[worst] < TARGET_P99_US_AT_32
         print(f"\nworst p99 at 32 replicas: {worst} {p99_at_32[worst]:.1f} us "
               f"(target < {TARGET_P99_US_AT_32:.0f} us): {'met' if met else 'NOT met'}")
+    lodestar_rows: list[dict[str, Any]] = []
+    lodestar_met = None
+    if lodestar is not None:
+        sizes_l = [int(x) for x in args.lodestar_sizes.split(",") if x]
+        print("\nlodestar with a trained model (3 x 128 MLP): choose() latency, microseconds")
+        print(f"{'replicas':<10}{'p50':>9}{'p99':>9}{'mean':>9}{'model share':>13}")
+        for n in sizes_l:
+            pol = make("lodestar")
+            gc.collect()
+            fig = figures(time_calls(pol.choose, build_cases(n, args.seed), args.iterations, args.warmup))
+            share = pol.stats["model"] / max(pol.stats["decisions"], 1)
+            lodestar_rows.append({"replicas": n, "iterations": args.iterations, **fig, "model_share": share})
+            print(f"{n:<10}{fig['p50_us']:>9.1f}{fig['p99_us']:>9.1f}{fig['mean_us']:>9.1f}{share:>13.2f}")
+            if n == 32:
+                lodestar_met = fig["p99_us"] < LODESTAR_TARGET_P99_US_AT_32
+                print(f"  p99 at 32 replicas {fig['p99_us']:.1f} us (target < {LODESTAR_TARGET_P99_US_AT_32:.0f} us): "
+                      f"{'met' if lodestar_met else 'NOT met'}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "benchmark": "decision", "prompt_tokens": PROMPT_BLOCKS * BLOCK, "block_hashes": PROMPT_BLOCKS,
             "sizes": sizes, "iterations": args.iterations, "seed": args.seed,
             "target_p99_us_at_32": TARGET_P99_US_AT_32, "target_met": met, "results": rows,
+            "lodestar": {"target_p99_us_at_32": LODESTAR_TARGET_P99_US_AT_32, "target_met": lodestar_met,
+                         "results": lodestar_rows},
             "python": sys.version.split()[0], "machine": platform.machine(),
         }, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -5,8 +5,8 @@ lets in-flight requests (streams included) finish for up to ``drain_s`` seconds 
 whole seconds); then the router's collectors stop and its pools close, and the process exits with
 status 0. Requests still running after the drain window are cancelled.
 
-Once listening it logs ``isthmus serve: routing on http://HOST:PORT`` (the bound port, also when the
-config asks for port 0).
+Once listening it writes ``isthmus serve: routing on http://HOST:PORT`` to stderr, whatever the log
+level (the bound port, also when the config asks for port 0).
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             for url in _bound_urls(self.servers):
-                log.info("isthmus serve: routing on %s", url)
+                # always said, whatever the log level: whoever started the router learns the port here
+                print(f"isthmus serve: routing on {url}", file=sys.stderr, flush=True)
 
 
 def _exit_after_drain(signum: int, frame: FrameType | None) -> None:
