@@ -192,3 +192,18 @@ def test_capacity_in_engine_blocks_of_another_size_is_converted() -> None:
     load = EngineLoad(running=0, waiting=0, kv_usage=0.0, num_kv_blocks=100, block_size=128)
     assert r.apply_scrape(load, r.scrape_started(), 1.0, block_size=16)
     assert r.capacity_blocks == 800
+
+
+def test_engine_names_stay_bounded_when_removals_are_missed() -> None:
+    from isthmus.router.config import RouterConfig
+    from isthmus.router.state import ClusterState
+
+    cfg = RouterConfig.model_validate({
+        "region": "east", "models": ["m"], "policy": {"name": "prefix_trie"},
+        "replicas": [{"url": "http://h:1", "region": "east", "gpu": "A100", "model": "Mistral-7B",
+                      "num_kv_blocks": 8}]})
+    st = ClusterState(cfg, keep_prefix=True, clock=lambda: 0.0)
+    for k in range(100):  # 100 distinct one-block prompts, never a BlockRemoved
+        st.apply_kv_events(RID, [StoredBlocks((10_000 + k,), None, tuple(range(k, k + 16)), 16)])
+    assert len(st._engine_names[RID]) <= 16
+    assert st.matched_blocks(hash_token_blocks(list(range(99, 115)), 16), RID) == 1

@@ -40,6 +40,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from itertools import islice
 from typing import Any
 
 import orjson
@@ -311,6 +312,7 @@ class ClusterState:
         self._measure = config.regions.measure
         self.mirror: PrefixIndex | None = None
         self._engine_names: dict[str, dict[int, int]] = {}  # per replica: engine block hash -> router hash
+        self._mirror_capacity = 1  # the largest replica's KV blocks (bounds the engine names kept)
         self.peer_mirror: PrefixIndex | None = None
         self._prefix: PrefixIndexView = NoPrefixInfo()
         self._rebuild_mirror()
@@ -320,6 +322,7 @@ class ClusterState:
         if not self.keep_prefix:
             return
         self.mirror = PrefixIndex({rid: self.replicas[rid].capacity_blocks for rid in self.local_ids})
+        self._mirror_capacity = max((self.replicas[rid].capacity_blocks for rid in self.local_ids), default=1)
         self._engine_names.clear()
         self._refresh_prefix_view()
 
@@ -398,6 +401,12 @@ class ClusterState:
         ours = hash_token_blocks(c.token_ids, bs, parent)
         if ours != c.block_hashes:
             names.update(zip(c.block_hashes, ours, strict=True))
+            # an engine evicts what it stored and says so; should a removal be missed, the oldest
+            # names go once there are twice as many as the mirror holds
+            over = len(names) - 2 * max(1, self._mirror_capacity)
+            if over > 0:
+                for h in list(islice(names, over)):
+                    del names[h]
         return ours
 
     # ------------------------------------------------------------------ RTT
