@@ -139,3 +139,29 @@ def test_a_central_proxy_routes_by_the_clients_region_when_an_edge_says_it() -> 
         assert headers["x-isthmus-target"] == "asia-0"  # idle cluster: the client's own region is nearest
         _, headers, _ = post(rt.port, body("other prompt", stream=False), {"x-isthmus-origin": "mars"})
         assert headers["x-isthmus-target"] == "east-0"  # unknown region: the router's own
+
+
+def test_a_learned_policy_fits_off_the_loop_and_swaps_its_model_in() -> None:
+    """lodestar in the router: outcomes feed it, fits run in a worker thread (training 'external'
+    by default in the router), models are installed while requests keep flowing, /metrics counts them."""
+    params = {"warmup": 20, "refit_every": 10, "hidden_layers": 1, "hidden_units": 8, "epochs": 5, "batch_size": 8,
+              "refit_epochs": 2}
+    with upstreams("e", "w", "a") as ups, running_router(config(
+            [replica(ups[0].url, "east"), replica(ups[1].url, "west"), replica(ups[2].url, "asia")],
+            **three_regions(policy={"name": "lodestar", "params": params}))) as rt:
+        policy: Any = rt.router.policy
+        assert policy.params.training == "external"
+        for k in range(45):
+            status, _, _ = post(rt.port, body(f"prompt {k} " * 50, stream=False))
+            assert status == 200
+        learner = rt.router.learner
+        assert learner is not None
+        assert wait_until(lambda: learner.fits >= 2 and not learner.fitting, timeout=30)
+        assert policy.samples_seen == 45
+        c = http.client.HTTPConnection("127.0.0.1", rt.port, timeout=10)
+        c.request("GET", "/metrics")
+        text = c.getresponse().read().decode()
+        assert f"isthmus_router_learn_fits_total {float(learner.fits)}" in text
+        assert "isthmus_router_learn_samples_total 45.0" in text
+        status, headers, _ = post(rt.port, body("after the fits " * 50, stream=False))
+        assert status == 200 and headers["x-isthmus-target"] in ("east-0", "west-0", "asia-0")

@@ -186,6 +186,94 @@ class RequestContext:
     error: str = ""
 
 
+class _Learner:
+    """Fits a learned policy's model off the event loop.
+
+    A policy that can be trained from outside (``refit_due``, ``training_data``, ``new_trainer``,
+    ``install``; e.g. ``lodestar``) is created with ``training: external`` unless the config says
+    otherwise. After each outcome the loop asks ``refit_due``; if so it takes the training data (a
+    copy) and hands it to one worker thread, which fits with a trainer of its own; the finished model
+    is installed from the loop (one reference swap), so a decision never sees a half-built model and
+    the loop never waits for a fit. At most one fit runs at a time.
+    """
+
+    def __init__(self, policy: Any) -> None:
+        import concurrent.futures
+
+        self.policy = policy
+        self.trainer = policy.new_trainer()
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="isthmus-fit")
+        self.fitting = False
+        self.fits = 0
+        self.failures = 0
+        self.last_fit_s = math.nan  # wall seconds the last fit took
+        self.last_fit_at = math.nan  # clock seconds when it was installed
+
+    @classmethod
+    def of(cls, policy: Policy, config: RouterConfig, registry: PolicyRegistry | None) -> _Learner | None:
+        """A learner for ``policy`` (re-created with ``training: external``), or ``None`` for a policy
+        that does not learn from outside."""
+        if not all(hasattr(policy, m) for m in ("refit_due", "training_data", "new_trainer", "install")):
+            return None
+        params = dict(config.policy.params)
+        if "training" not in params:
+            params["training"] = "external"
+            policy = config.model_copy(update={"policy": config.policy.model_copy(
+                update={"params": params})}).make_policy(registry)
+        return cls(policy)
+
+    def maybe_fit(self) -> None:
+        """Start a fit in the worker when one is due and none runs (call from the loop)."""
+        policy = self.policy
+        if self.fitting or not policy.refit_due():
+            return
+        data = policy.training_data()
+        self.fitting = True
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        future = loop.run_in_executor(self.executor, self.trainer.fit, data)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self.fitting = False
+            if f.cancelled():
+                return
+            exc = f.exception()
+            if exc is not None:
+                self.failures += 1
+                log.warning("policy %s: a background fit failed: %s", policy.name, exc)
+                return
+            policy.install(f.result())
+            self.fits += 1
+            self.last_fit_s = time.perf_counter() - started
+            self.last_fit_at = time.monotonic()
+            log.info("policy %s: model %d installed (fit %.2f s)", policy.name, self.fits, self.last_fit_s)
+            self.maybe_fit()  # samples that came in meanwhile may already call for the next one
+
+        future.add_done_callback(done)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def collect(self) -> list[Any]:
+        """Prometheus collector: training samples, fits, the last fit's duration and age."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        seen = float(getattr(self.policy, "samples_seen", math.nan))
+        age = time.monotonic() - self.last_fit_at if self.last_fit_at == self.last_fit_at else math.nan
+        return [
+            CounterMetricFamily("isthmus_router_learn_samples", "Training samples the learned policy recorded",
+                                value=seen),
+            CounterMetricFamily("isthmus_router_learn_fits", "Models fitted in the background and installed",
+                                value=float(self.fits)),
+            CounterMetricFamily("isthmus_router_learn_fit_failures", "Background fits that failed",
+                                value=float(self.failures)),
+            GaugeMetricFamily("isthmus_router_learn_last_fit_seconds", "Wall seconds the last fit took",
+                              value=self.last_fit_s),
+            GaugeMetricFamily("isthmus_router_learn_model_age_seconds", "Seconds since the last model was "
+                              "installed (nan: none yet)", value=age),
+        ]
+
+
 class _Failure(Exception):
     """One failed upstream attempt before any byte reached the client.
 
@@ -228,12 +316,17 @@ class Router:
         self.config = config
         self.clock = clock
         self.policy: Policy = config.make_policy(registry)
+        self.learner = _Learner.of(self.policy, config, registry)
+        if self.learner is not None:
+            self.policy = self.learner.policy
         self.keep_prefix = uses_prefix(self.policy)
         self.state = ClusterState(config, keep_prefix=self.keep_prefix, clock=clock)
         self.recheck_s = config.resolved_recheck_s(self.policy)
         self.sync_period_s = config.resolved_sync_period_s(self.policy)
         self.hold: HoldQueue[Routed] = HoldQueue(self.recheck_s, lambda r: r.release())
         self.metrics = RouterMetrics(self.state, held=lambda: len(self.hold), clock=clock)
+        if self.learner is not None:
+            self.metrics.registry.register(self.learner)
         self.budget = RetryBudget(config.retries.budget, config.retries.max_balance)
         self.rng = np.random.default_rng([config.policy.seed, 1])  # backoff jitter, apart from the policy's
         self._tokenizer = tokenizer
@@ -278,6 +371,8 @@ class Router:
 
     async def stop(self) -> None:
         """Stop the collectors and close the pools."""
+        if self.learner is not None:
+            self.learner.close()
         await self.hold.close()
         if self.collectors is not None:
             await self.collectors.stop()
@@ -521,6 +616,8 @@ class Router:
             self.policy.observe(outcome)
         except Exception:  # a policy bug must not break the request path
             log.exception("policy %s failed to observe an outcome", self.policy.name)
+        if self.learner is not None:
+            self.learner.maybe_fit()
 
     # ------------------------------------------------------------------ other endpoints
     async def handle_models(self, request: Request) -> Response:
