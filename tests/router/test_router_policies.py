@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -141,14 +142,16 @@ def test_a_central_proxy_routes_by_the_clients_region_when_an_edge_says_it() -> 
         assert headers["x-isthmus-target"] == "east-0"  # unknown region: the router's own
 
 
-def test_a_learned_policy_fits_off_the_loop_and_swaps_its_model_in() -> None:
+def test_a_learned_policy_fits_off_the_loop_and_swaps_its_model_in(tmp_path: Path) -> None:
     """lodestar in the router: outcomes feed it, fits run in a worker thread (training 'external'
-    by default in the router), models are installed while requests keep flowing, /metrics counts them."""
+    by default in the router), models are installed while requests keep flowing, /metrics counts them,
+    and a restarted router takes up what the last one learned."""
+    state = tmp_path / "lodestar.npz"
     params = {"warmup": 20, "refit_every": 10, "hidden_layers": 1, "hidden_units": 8, "epochs": 5, "batch_size": 8,
               "refit_epochs": 2}
     with upstreams("e", "w", "a") as ups, running_router(config(
             [replica(ups[0].url, "east"), replica(ups[1].url, "west"), replica(ups[2].url, "asia")],
-            **three_regions(policy={"name": "lodestar", "params": params}))) as rt:
+            **three_regions(policy={"name": "lodestar", "params": params, "state_file": str(state)}))) as rt:
         policy: Any = rt.router.policy
         assert policy.params.training == "external"
         for k in range(45):
@@ -165,3 +168,11 @@ def test_a_learned_policy_fits_off_the_loop_and_swaps_its_model_in() -> None:
         assert "isthmus_router_learn_samples_total 45.0" in text
         status, headers, _ = post(rt.port, body("after the fits " * 50, stream=False))
         assert status == 200 and headers["x-isthmus-target"] in ("east-0", "west-0", "asia-0")
+        assert wait_until(lambda: policy.samples_seen == 46)
+    assert state.exists()
+    with upstreams("e", "w", "a") as ups, running_router(config(
+            [replica(ups[0].url, "east"), replica(ups[1].url, "west"), replica(ups[2].url, "asia")],
+            **three_regions(policy={"name": "lodestar", "params": params, "state_file": str(state)}))) as rt:
+        again: Any = rt.router.policy
+        assert again.samples_seen == 46 and again is not policy and again.model is not None
+        assert post(rt.port, body("after a restart " * 50, stream=False))[0] == 200

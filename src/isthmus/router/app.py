@@ -48,6 +48,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -197,10 +198,11 @@ class _Learner:
     the loop never waits for a fit. At most one fit runs at a time.
     """
 
-    def __init__(self, policy: Any) -> None:
+    def __init__(self, policy: Any, state_file: Path | None = None) -> None:
         import concurrent.futures
 
         self.policy = policy
+        self.state_file = state_file
         self.trainer = policy.new_trainer()
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="isthmus-fit")
         self.fitting = False
@@ -220,7 +222,36 @@ class _Learner:
             params["training"] = "external"
             policy = config.model_copy(update={"policy": config.policy.model_copy(
                 update={"params": params})}).make_policy(registry)
-        return cls(policy)
+        return cls(policy, config.policy.state_file)
+
+    def load(self) -> None:
+        """Take up the state a previous run saved, if any (a file that cannot be read is logged and
+        left alone: the policy starts afresh rather than the router failing)."""
+        path = self.state_file
+        if path is None or not path.exists():
+            return
+        try:
+            self.policy.load_state_bytes(path.read_bytes())
+        except Exception as exc:  # a corrupt or foreign file: say so, start afresh
+            log.warning("policy %s: cannot load its state from %s (%s); starting afresh", self.policy.name, path,
+                        exc)
+            return
+        log.info("policy %s: state loaded from %s (%d samples)", self.policy.name, path,
+                 getattr(self.policy, "samples_seen", 0))
+
+    def save(self) -> None:
+        """Write the policy's state to ``state_file`` atomically (temporary file, then rename)."""
+        path = self.state_file
+        if path is None:
+            return
+        data = self.policy.state_bytes()
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        except OSError as exc:
+            log.warning("policy %s: cannot save its state to %s: %s", self.policy.name, path, exc)
 
     def maybe_fit(self) -> None:
         """Start a fit in the worker when one is due and none runs (call from the loop)."""
@@ -247,12 +278,14 @@ class _Learner:
             self.last_fit_s = time.perf_counter() - started
             self.last_fit_at = time.monotonic()
             log.info("policy %s: model %d installed (fit %.2f s)", policy.name, self.fits, self.last_fit_s)
+            self.save()
             self.maybe_fit()  # samples that came in meanwhile may already call for the next one
 
         future.add_done_callback(done)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.save()
 
     def collect(self) -> list[Any]:
         """Prometheus collector: training samples, fits, the last fit's duration and age."""
@@ -359,6 +392,8 @@ class Router:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Open the upstream connection pools and start the collectors."""
+        if self.learner is not None:
+            self.learner.load()  # what a learned policy learned in an earlier run
         self.pool = UpstreamPool(keepalive_s=30.0, clock=self.clock)
         # probes, scrapes and polls have a pool of their own, so a saturated data path cannot delay them
         self._control = UpstreamPool(keepalive_s=30.0, clock=self.clock)

@@ -22,7 +22,7 @@ Annotated example (every default shown)::
          num_kv_blocks: 20000, max_in_flight: 64,
          kv_events: {endpoint: "tcp://10.1.0.7:5557", encoding: auto, topic: ""}}  # optional
     peers: []                      # regional mode: [{region: germany, url: "http://router.de:8000"}]
-    policy: {name: gorgo_proxy, params: {}, seed: 0}
+    policy: {name: gorgo_proxy, params: {}, seed: 0, state_file: null}   # state_file: a learned policy's model
     models: [mistral]              # served model names; any other -> 404
     timeouts: {connect_s: 5.0, idle_s: 60.0, total_s: 600.0}
     limits: {max_body_bytes: 4194304, max_concurrent: 1024, queue_wait_s: 30.0, retry_after_s: 1,
@@ -229,11 +229,17 @@ class PeerConfig(_Frozen):
 
 
 class PolicyConfig(_Frozen):
-    """The routing policy: a registered ``name``, its ``params``, and the ``seed`` of its generator."""
+    """The routing policy: a registered ``name``, its ``params``, and the ``seed`` of its generator.
+
+    ``state_file``: where a learned policy (``lodestar``) keeps its model and training samples between
+    runs: read at start when it exists, written after every fit and at shutdown (relative to the
+    config file's directory).
+    """
 
     name: str = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
     seed: int = Field(default=0, ge=0)
+    state_file: Path | None = None
 
 
 class TimeoutsConfig(_Frozen):
@@ -450,6 +456,9 @@ def load_config(path: str | Path, registry: PolicyRegistry | None = None) -> Rou
         tok = data.get("tokenizer")
         if isinstance(tok, str) and not Path(tok).is_absolute():
             data["tokenizer"] = str(path.parent / tok)  # relative to the config file, like scenario paths
+        pol = data.get("policy")
+        if isinstance(pol, dict) and isinstance(pol.get("state_file"), str) and not Path(pol["state_file"]).is_absolute():
+            data["policy"] = {**pol, "state_file": str(path.parent / pol["state_file"])}
         config = RouterConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, path, lines)) from None
