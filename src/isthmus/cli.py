@@ -38,6 +38,7 @@ def build_app() -> typer.Typer:
     app.command()(simulate)
     app.command()(sweep)
     app.command()(validate)
+    app.command()(train)
     # the live faces: their command functions live beside their packages and import their
     # server dependencies only when run
     from isthmus.bench.bench_cli import bench
@@ -249,6 +250,56 @@ def validate(
     with _clean_errors():
         code = validate_main(ground_truth_dir, workload, json_out, perf=perf)  # type: ignore[arg-type]
     raise typer.Exit(code)
+
+
+def train(
+    state: Annotated[Path, typer.Argument(help="A learned policy's state file (the router's policy.state_file).",
+                                          show_default=False)],
+    out: Annotated[Path | None, typer.Option(metavar="FILE", help="Write the trained state here (default: in place).")]
+    = None,
+    params: Annotated[str, typer.Option(help="The policy's params as JSON, e.g. '{\"epochs\": 50}'.")] = "{}",
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the fit.")] = 0,
+) -> None:
+    """Fit a lodestar model offline from the samples a router recorded, and write it back.
+
+    The state file holds the policy's training samples (features at decision time, measured TTFT)
+    and its current model; the router reads it at start, so a model trained here is used by the
+    next 'isthmus serve' with that policy.state_file.
+    """
+    import json
+
+    import numpy as np
+
+    from isthmus.core.errors import ConfigError
+    from isthmus.policies.lodestar import TrainingSet, make_lodestar
+
+    with _clean_errors():
+        try:
+            given = json.loads(params)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--params: not JSON: {exc}") from None
+        if not isinstance(given, dict):
+            raise ConfigError("--params: expected a JSON object")
+        try:
+            policy = make_lodestar({**given, "training": "external"}, np.random.default_rng(seed))
+        except ValueError as exc:
+            raise ConfigError(f"--params: {exc}") from None
+        try:
+            policy.load_state_bytes(state.read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"{state}: cannot read: {exc.strerror or exc}") from None
+        except Exception as exc:  # not a state file: numpy / zip / key errors
+            raise ConfigError(f"{state}: not a lodestar state file ({type(exc).__name__}: {exc})") from None
+        data = policy.training_data()
+        if len(data.y) == 0:
+            raise ConfigError(f"{state}: holds no training samples")
+        fitted = policy.new_trainer().fit(TrainingSet(data.x, data.y, data.samples_seen, seed))
+        policy.install(fitted)
+        target = out if out is not None else state
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(policy.state_bytes())
+        tmp.replace(target)
+        typer.echo(f"trained on {len(data.y)} samples ({data.samples_seen} seen); wrote {target}", err=True)
 
 
 def main() -> None:

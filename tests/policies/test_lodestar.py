@@ -307,3 +307,26 @@ def test_sample_store_keeps_recent_window_and_a_diverse_replay_buffer():
     assert 0.9 in x[4:, 1].tolist()  # the rare sample survives in the replay buffer
     back = SampleStore.from_arrays(store.to_arrays())
     assert back.arrays()[0].tobytes() == x.tobytes() and back.seen == 10
+
+
+def test_isthmus_train_fits_offline_from_a_saved_state(tmp_path):
+    """`isthmus train STATE`: a model fitted from the samples a router saved, written back."""
+    from typer.testing import CliRunner
+
+    from isthmus.cli import build_app
+
+    pol = lodestar(seed=4, training="external")
+    drive(pol, world(20, 60))
+    assert pol.model is None  # external training: nothing fitted yet
+    state = tmp_path / "state.npz"
+    state.write_bytes(pol.state_bytes())
+    small = '{"hidden_layers": 1, "hidden_units": 8, "epochs": 5, "batch_size": 16}'
+    result = CliRunner().invoke(build_app(), ["train", str(state), "--params", small, "--out", str(tmp_path / "t.npz")])
+    assert result.exit_code == 0, result.output
+    trained = lodestar(seed=4)
+    trained.load_state_bytes((tmp_path / "t.npz").read_bytes())
+    assert trained.model is not None and trained.samples_seen == 60
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a state")
+    result = CliRunner().invoke(build_app(), ["train", str(bad)])
+    assert result.exit_code == 2 and "not a lodestar state file" in result.output
