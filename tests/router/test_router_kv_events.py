@@ -135,6 +135,11 @@ def test_kv_events_keep_the_mirror_in_step_with_the_engine(tmp_path: Path, encod
             # reset the engine's prefix cache: AllBlocksCleared empties the mirror of that replica
             assert complete(rt.port, served) == 200
             assert state.matched_blocks(h_served, RID) == len(h_served)
+            assert state.mirror is not None
+            held = state.mirror.blocks(RID)
+            assert held >= len(h_served)
+            assert f'isthmus_router_prefix_blocks{{region="east",replica="{RID}"}} {float(held)}' in \
+                rt.router.metrics.render().decode()
             assert emu.call("POST", "/reset_prefix_cache")[0] == 200
             assert wait_until(lambda: state.mirror is not None and len(state.mirror) == 0, timeout=5)
             assert state.matched_blocks(h_served, RID) == 0

@@ -126,6 +126,11 @@ class PrefixIndex:
                 else:
                     del holders[h]
 
+    def blocks(self, replica: str) -> int:
+        """Blocks the mirror holds for ``replica`` (0 for an unknown one)."""
+        lru = self._blocks.get(replica)
+        return len(lru) if lru is not None else 0
+
     def remove(self, replica: str, block_hashes: Sequence[int]) -> None:
         """Forget ``block_hashes`` on ``replica`` (e.g. on a KV ``BlockRemoved`` event)."""
         self._nested = False

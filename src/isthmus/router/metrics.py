@@ -42,6 +42,8 @@ class _StateCollector(Collector):
                                       labels=labels)
         rtt = GaugeMetricFamily("isthmus_router_rtt_seconds", "Smoothed probe RTT to a region (nan: not measured)",
                                 labels=["region"])
+        prefix = GaugeMetricFamily("isthmus_router_prefix_blocks",
+                                   "KV blocks the router's prefix mirror expects cached on the replica", labels=labels)
         for rid, r in st.replicas.items():
             lv = [rid, r.region]
             healthy.add_metric(lv, 1.0 if r.healthy(now) else 0.0)
@@ -49,11 +51,13 @@ class _StateCollector(Collector):
             seen = r.scraped_at if r.local else r.reported_at
             stale.add_metric(lv, now - seen if seen > -math.inf else math.inf)
             in_flight.add_metric(lv, float(r.in_flight))
+            if st.mirror is not None and r.local:
+                prefix.add_metric(lv, float(st.mirror.blocks(rid)))
         for region in sorted({r.region for r in st.replicas.values()} | set(st.peers)):
             rtt.add_metric([region], st.measured_rtt_s(region))
         held = GaugeMetricFamily("isthmus_router_held_requests", "Requests held at the router waiting for a replica",
                                  value=float(self._held()))
-        return [healthy, ejected, stale, in_flight, rtt, held]
+        return [healthy, ejected, stale, in_flight, rtt, held, prefix]
 
 
 class RouterMetrics:
