@@ -45,7 +45,6 @@ import math
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from _common import free_port, package_version, wait_for_url
 
 from isthmus.bench.loadgen import run_bench
 from isthmus.bench.testbed import sigterm_raises
@@ -64,7 +64,6 @@ from isthmus.core.request import Request
 REPO = Path(__file__).resolve().parent.parent
 ISTHMUS = Path(sys.executable).parent / "isthmus"
 TORCH = "torch==2.13.0"
-ENGINE_READY = re.compile(rb"serving .* on http://127\.0\.0\.1:(\d+)")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}
 
@@ -130,13 +129,6 @@ def ensure_guidellm(venv: Path) -> Path:
     return exe
 
 
-def venv_version(venv: Path, package: str) -> str:
-    done = subprocess.run([str(venv / "bin" / "python"), "-c",
-                           f"import importlib.metadata as m; print(m.version({package!r}))"],
-                          capture_output=True, text=True)
-    return done.stdout.strip() or "?"
-
-
 def ensure_tokenizer(venv: Path, out: Path) -> Path:
     if (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file():
         return out
@@ -193,24 +185,11 @@ class Procs:
             self.stop(proc)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_engine(procs: Procs, log: Path, tok: Path, time_scale: float) -> str:
     proc = procs.spawn([str(ISTHMUS), "emulate", "--host", "127.0.0.1", "--port", "0", "--model", "Mistral-7B",
                         "--gpu", "A100", "--served-model-name", "m", "--tokenizer", str(tok / "tokenizer.json"),
                         "--time-scale", str(time_scale)], log)
-    deadline = time.monotonic() + 60
-    while True:
-        m = ENGINE_READY.search(log.read_bytes())
-        if m:
-            return f"http://127.0.0.1:{int(m.group(1))}"
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"engine did not start:\n{log.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.05)
+    return wait_for_url(proc, log)
 
 
 def start_router(procs: Procs, work: Path, engines: list[str], tok: Path, policy: str) -> str:
@@ -398,8 +377,8 @@ def main() -> None:
     print(f"guidellm venv {args.venv} ...", flush=True)
     exe = ensure_guidellm(args.venv)
     tok = ensure_tokenizer(args.venv, args.tokenizer_dir or args.venv / "tiny-tokenizer")
-    versions = {"guidellm": venv_version(args.venv, "guidellm"), "torch": venv_version(args.venv, "torch"),
-                "transformers": venv_version(args.venv, "transformers"),
+    versions = {"guidellm": package_version(args.venv / "bin" / "python", "guidellm"), "torch": package_version(args.venv / "bin" / "python", "torch"),
+                "transformers": package_version(args.venv / "bin" / "python", "transformers"),
                 "isthmus": subprocess.run([sys.executable, "-c", "import importlib.metadata as m; "
                                            "print(m.version('isthmus'))"], capture_output=True, text=True).stdout.strip()}
     prompts = make_prompts(args.venv, tok, args.requests, args.prompt_tokens, args.seed)

@@ -101,6 +101,7 @@ import orjson
 import psutil
 import yaml
 import zmq
+from _common import free_port, wait_for_url
 
 from isthmus.core.hashing import ROOT_HASH, hash_token_blocks
 from isthmus.core.tokenizer import ByteChunkTokenizer
@@ -108,7 +109,6 @@ from isthmus.kv_events import BlockRemoved, BlockStored, KvEvent, encode_batch
 from isthmus.router.prompt import parse_request
 
 ISTHMUS = Path(sys.executable).parent / "isthmus"
-ENGINE_READY = re.compile(rb"serving .* on http://127\.0\.0\.1:(\d+)")
 BLOCK_SIZE = 16
 STEP_BLOCKS = 2048 // BLOCK_SIZE  # vLLM's default token budget per step, in blocks
 MODEL = "m"
@@ -151,26 +151,13 @@ class Children:
             self.stop(proc)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_engine(children: Children, log: Path, args: argparse.Namespace) -> str:
     """One engine double on a free port; its base URL once it says where it listens."""
     proc = children.start([str(ISTHMUS), "emulate", "--port", "0", "--model", "Mistral-7B", "--gpu", "A100-80GB",
                            "--served-model-name", MODEL, "--time-scale", str(args.time_scale),
                            "--max-num-seqs", str(args.max_num_seqs), "--shutdown-timeout", "5",
                            "--log-level", "info"], log)
-    deadline = time.monotonic() + 60
-    while True:
-        m = ENGINE_READY.search(log.read_bytes())
-        if m:
-            return f"http://127.0.0.1:{int(m.group(1))}"
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"engine did not start:\n{log.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.05)
+    return wait_for_url(proc, log)
 
 
 def router_config(port: int, engines: list[str], endpoints: list[str], capacity: list[int],

@@ -35,7 +35,6 @@ import contextlib
 import itertools
 import json
 import random
-import re
 import signal
 import socket
 import statistics
@@ -49,16 +48,10 @@ from typing import Any
 import aiohttp
 import psutil
 import yaml
+from _common import free_port, package_version, wait_for_url
 
 ISTHMUS = Path(sys.executable).parent / "isthmus"
-READY = re.compile(rb"serving .* on http://127\.0\.0\.1:(\d+)")
 _PHASES = itertools.count()  # every load phase gets prompts of its own
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_engine(log: Path, time_scale: float) -> tuple[subprocess.Popen[bytes], str]:
@@ -67,14 +60,7 @@ def start_engine(log: Path, time_scale: float) -> tuple[subprocess.Popen[bytes],
         proc = subprocess.Popen([str(ISTHMUS), "emulate", "--port", "0", "--model", "Mistral-7B", "--gpu", "A100",
                                  "--served-model-name", "m", "--time-scale", str(time_scale)],
                                 stdout=sink, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while True:
-        m = READY.search(log.read_bytes())
-        if m:
-            return proc, f"http://127.0.0.1:{int(m.group(1))}"
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"engine did not start:\n{log.read_text(errors='replace')}")
-        time.sleep(0.05)
+    return proc, wait_for_url(proc, log, timeout_s=30)
 
 
 # ---------------------------------------------------------------------- a fake backend with fixed timing
@@ -320,13 +306,6 @@ def rust_venv(venv: Path) -> dict[str, Path | str]:
     return out
 
 
-def package_version(venv: Path, package: str) -> str:
-    done = subprocess.run([str(venv / "bin" / "python"), "-c",
-                           f"import importlib.metadata as m; print(m.version({package!r}))"],
-                          capture_output=True, text=True)
-    return done.stdout.strip() or "?"
-
-
 def rust_command(name: str, exe: Path, port: int, engines: list[str], policy: str, streams: int) -> list[str]:
     """Command line of a Rust router on 127.0.0.1 (its metrics listener too) in front of ``engines``."""
     common = ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", *engines, "--policy", policy,
@@ -454,7 +433,7 @@ def main() -> None:
     routers: dict[str, dict[str, Any]] = {"isthmus": {"available": True}}
     rust: dict[str, Path | str] = {} if args.skip_rust else rust_venv(args.rust_venv)
     for name, exe in rust.items():
-        routers[name] = ({"available": True, "version": package_version(args.rust_venv, RUST_PACKAGES[name])}
+        routers[name] = ({"available": True, "version": package_version(args.rust_venv / "bin" / "python", RUST_PACKAGES[name])}
                          if isinstance(exe, Path) else {"available": False, "why": exe})
 
     single: dict[str, Any] = {}

@@ -45,7 +45,6 @@ import math
 import os
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from _common import free_port
 
 from isthmus.bench.loadgen import Manifest, run_bench
 from isthmus.bench.testbed import Testbed, TestbedError, sigterm_raises
@@ -96,12 +96,6 @@ def package_version(python: Path, package: str) -> str:
     done = subprocess.run([str(python), "-c", f"import importlib.metadata as m; print(m.version({package!r}))"],
                           capture_output=True, text=True)
     return done.stdout.strip() or "?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def router_cmd(name: str, exe: Path, policy: str) -> str:
