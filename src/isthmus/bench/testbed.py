@@ -36,7 +36,7 @@ work would share the interpreter lock with the relays' timers and delay them; a 
 keeps the injected latencies exact, costs one process, and exits by itself when its parent goes
 (its stdin closes). Relays are created before the routers (their ports go into the routers'
 configs) and pointed at a router once it has reported its port, so every child can bind port 0:
-no port is guessed, so none can be taken by someone else in between.
+no port is guessed, so none can be taken by another process in between.
 
 Stopping (:meth:`Testbed.stop`, also on leaving the ``with`` block, on an exception during start and
 at interpreter exit): routers first (SIGTERM, they drain briefly), then engines, then relays; any
