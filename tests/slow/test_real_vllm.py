@@ -510,7 +510,9 @@ def test_scrape_reflects_vllm_load(stack: Stack) -> None:
                 seen = view
                 break
             time.sleep(0.05)
-        assert seen is not None, f"the router never saw {MAX_NUM_SEQS} running and {extra} waiting"
+        assert seen is not None, (f"the router never saw {MAX_NUM_SEQS} running and {extra} waiting; last view "
+                                  f"{view}, vLLM running {vllm_gauge(stack.vllm_url, 'vllm:num_requests_running')} "
+                                  f"waiting {vllm_gauge(stack.vllm_url, 'vllm:num_requests_waiting')}")
         assert seen["in_flight"] == 0
         tolerance = 8 / seen["num_kv_blocks"]  # blocks the running requests may add between two reads
         assert seen["kv_usage"] > 0
