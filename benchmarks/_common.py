@@ -3,6 +3,7 @@ versions of packages in other virtual environments."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -42,3 +43,10 @@ def package_version(python: Path, package: str) -> str:
     done = subprocess.run([str(python), "-c", f"import importlib.metadata as m; print(m.version({package!r}))"],
                           capture_output=True, text=True)
     return done.stdout.strip() or "?"
+
+
+def write_json(path: Path, report: object) -> None:
+    """Write a benchmark's report as indented JSON (directories created) and say so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")

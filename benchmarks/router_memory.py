@@ -101,7 +101,7 @@ import orjson
 import psutil
 import yaml
 import zmq
-from _common import free_port, wait_for_url
+from _common import free_port, wait_for_url, write_json
 
 from isthmus.core.hashing import ROOT_HASH, hash_token_blocks
 from isthmus.core.tokenizer import ByteChunkTokenizer
@@ -943,9 +943,7 @@ def main() -> None:
     report["verdicts"] = verdicts(report, args)
     print_report(report, args)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

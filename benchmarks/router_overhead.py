@@ -48,7 +48,7 @@ from typing import Any
 import aiohttp
 import psutil
 import yaml
-from _common import free_port, package_version, wait_for_url
+from _common import free_port, package_version, wait_for_url, write_json
 
 ISTHMUS = Path(sys.executable).parent / "isthmus"
 _PHASES = itertools.count()  # every load phase gets prompts of its own
@@ -526,9 +526,7 @@ def main() -> None:
             f"{name} +{(r['ttft_s'].get('p50', 0) - base) * 1e3:.2f} ms" for name, r in single.items()
             if name != "direct"))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

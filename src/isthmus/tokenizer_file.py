@@ -31,6 +31,9 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=self._special).ids)
 
+    def count(self, text: str) -> int:
+        return len(self._tok.encode(text, add_special_tokens=self._special).ids)
+
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=False))
 

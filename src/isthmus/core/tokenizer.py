@@ -53,6 +53,10 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def count(self, text: str) -> int:
+        """``len(self.encode(text))``; an implementation may count without building the ids."""
+        ...
+
     def decode(self, ids: Sequence[int]) -> str: ...
 
 

@@ -78,13 +78,13 @@ from isthmus.router.prompt import BadRequest, PromptInfo, parse_request
 from isthmus.router.reliability import RetryBudget, backoff_s
 from isthmus.router.state import ClusterState, Collectors, Dispatch, PeerState, ReplicaState
 from isthmus.router.upstream import (
-    Origin,
     UpstreamConnectError,
     UpstreamConnectTimeout,
     UpstreamError,
     UpstreamPool,
     UpstreamResponse,
     UpstreamTimeout,
+    origin_of,
 )
 from isthmus.tokenizer_file import load_tokenizer
 
@@ -370,7 +370,6 @@ class Router:
         self._keys = tuple(k.encode() for k in config.accepted_api_keys())
         self.active = 0
         self.pool: UpstreamPool | None = None
-        self._origins: dict[str, Origin] = {}
         self._control: UpstreamPool | None = None
         self.collectors: Collectors | None = None
         events = {rid: rc.kv_events for rid, rc in zip(config.replica_ids, config.replicas, strict=True)
@@ -547,13 +546,6 @@ class Router:
         )
         return RequestContext(request_id=request_id, path=path, raw=raw, info=info, routed_request=routed,
                               hops=hops, arrival=arrival, upstream_head=upstream_head)
-
-    def origin(self, url: str) -> Origin:
-        """The pooled-client origin of a replica's or peer's base URL (cached)."""
-        o = self._origins.get(url)
-        if o is None:
-            o = self._origins[url] = Origin.from_url(url)
-        return o
 
     def error_response(self, exc: RouterHTTPError, request_id: str) -> Response:
         """The client's answer for an error the router raised itself."""
@@ -848,7 +840,7 @@ class ProxyResponse:
             head += b"authorization: %s\r\n" % auth.encode("latin-1")
         t = router.config.timeouts
         try:
-            resp = await pool.request(router.origin(base), ctx.path.encode(), head, ctx.raw, connect_s=t.connect_s,
+            resp = await pool.request(origin_of(base), ctx.path.encode(), head, ctx.raw, connect_s=t.connect_s,
                                       idle_s=t.idle_s if ctx.info.stream else t.total_s, total_s=t.total_s)
         except UpstreamConnectTimeout:
             raise _Failure("connect_timeout", 504, f"connect to {routed.target} timed out") from None

@@ -56,8 +56,8 @@ def _is_token_list(x: Any) -> bool:
 
 
 def _encode(tokenizer: Tokenizer, text: str, ids: bool) -> tuple[Sequence[int], int]:
-    """``text``'s token ids (empty when ``ids`` is false and the tokenizer can count without them) and count."""
-    if not ids and isinstance(tokenizer, ByteChunkTokenizer):
+    """``text``'s token ids (empty when ``ids`` is false: only the count is needed) and their count."""
+    if not ids:
         return (), tokenizer.count(text)
     out = tokenizer.encode(text)
     return out, len(out)

@@ -52,7 +52,7 @@ from isthmus.kv_events import ClearedBlocks, KvChange, RemovedBlocks, StoredBloc
 from isthmus.router.config import RouterConfig
 from isthmus.router.reliability import Ejector, Ewma, HealthTracker
 from isthmus.router.scrape import EngineLoad, parse_engine_metrics
-from isthmus.router.upstream import Origin, UpstreamPool
+from isthmus.router.upstream import UpstreamPool, origin_of
 
 log = logging.getLogger("isthmus.router.state")
 
@@ -554,7 +554,6 @@ class Collectors:
         self.pool = pool
         self.sync_period_s = sync_period_s
         self._tasks: list[asyncio.Task[None]] = []
-        self._origins: dict[str, Origin] = {}
 
     async def _get(self, base_url: str, path: bytes, auth: str | None, timeout_s: float) -> tuple[int, bytes]:
         """``GET base_url + path``: (status, body), everything within ``timeout_s``.
@@ -562,9 +561,7 @@ class Collectors:
         Raises:
             UpstreamError: connect failure, timeout or broken answer; ValueError: a body over 16 MiB.
         """
-        origin = self._origins.get(base_url)
-        if origin is None:
-            origin = self._origins[base_url] = Origin.from_url(base_url)
+        origin = origin_of(base_url)
         head = b"authorization: %s\r\n" % auth.encode("latin-1") if auth else b""
         resp = await self.pool.request(origin, path, head, b"", connect_s=timeout_s, idle_s=timeout_s,
                                        total_s=timeout_s, method=b"GET")

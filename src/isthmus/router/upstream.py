@@ -27,6 +27,7 @@ Errors are :class:`UpstreamError` subclasses whose ``kind`` is the router's fail
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -97,6 +98,12 @@ class Origin:
             raise ValueError(f"expected an http://host[:port] URL, got {url!r}")
         port = parts.port or 80
         return cls(parts.hostname, port, parts.netloc.encode("idna"), parts.path.rstrip("/").encode())
+
+
+@functools.lru_cache(maxsize=4096)
+def origin_of(url: str) -> Origin:
+    """:meth:`Origin.from_url`, remembered (replica and peer URLs recur on every request and probe)."""
+    return Origin.from_url(url)
 
 
 class _Connection(asyncio.Protocol):
@@ -441,5 +448,5 @@ class UpstreamPool:
 
 __all__ = [
     "Origin", "UpstreamBroken", "UpstreamConnectError", "UpstreamConnectTimeout", "UpstreamError",
-    "UpstreamPool", "UpstreamResponse", "UpstreamTimeout",
+    "UpstreamPool", "UpstreamResponse", "UpstreamTimeout", "origin_of",
 ]
