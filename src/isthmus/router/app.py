@@ -1,4 +1,4 @@
-"""The router's HTTP face: an OpenAI-compatible proxy (uvicorn; upstream via :mod:`.upstream`).
+"""The router's HTTP face: an OpenAI-compatible proxy (served by :mod:`.front`; upstream via :mod:`.upstream`).
 
 Life of ``POST /v1/completions`` or ``/v1/chat/completions``:
 
@@ -24,7 +24,9 @@ Life of ``POST /v1/completions`` or ``/v1/chat/completions``:
 
 The two proxied routes are served by a plain ASGI callable in front of Starlette (which serves
 the other endpoints), and upstream exchanges go through :mod:`.upstream`'s pooled HTTP/1.1 client:
-the request path does no per-request framework work beyond uvicorn's own.
+the request path does no per-request framework work. Served by :mod:`.front`, a proxied request
+learns of its client's disconnect through a callback; under another ASGI server, a task waits for
+``http.disconnect``.
 
 Answers carry ``x-request-id`` (the client's, else a new one), and relayed ones also
 ``x-isthmus-target`` (replica id), ``x-isthmus-region``, ``x-isthmus-cost-ms`` (the policy's total
@@ -71,6 +73,7 @@ from isthmus.router.errors import (
     unauthorized,
     unavailable,
 )
+from isthmus.router.front import DISCONNECT_EXTENSION
 from isthmus.router.hold import HoldQueue
 from isthmus.router.kv_events import KvEventSubscribers
 from isthmus.router.metrics import RouterMetrics
@@ -438,14 +441,18 @@ class Router:
 
     async def _read_body(self, receive: Receive, declared: bytes | None) -> bytes:
         limit = self.config.limits.max_body_bytes
-        too_large = RouterHTTPError(413, f"request body over the limit of {limit} bytes", "invalid_request_error",
-                                    "request_too_large")
+
+        def too_large() -> RouterHTTPError:
+            return RouterHTTPError(413, f"request body over the limit of {limit} bytes", "invalid_request_error",
+                                   "request_too_large")
+
         if declared is not None:
             try:
-                if int(declared) > limit:
-                    raise too_large
+                size = int(declared)
             except ValueError:
                 raise RouterHTTPError(400, "invalid Content-Length") from None
+            if size > limit:
+                raise too_large()
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -455,7 +462,7 @@ class Router:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise too_large
+                raise too_large()
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -694,7 +701,13 @@ class ProxyResponse:
         ctx = self.ctx
         task = asyncio.current_task()
         assert task is not None
-        watch = asyncio.get_running_loop().create_task(self._wait_disconnect(receive, task))
+        extensions = scope.get("extensions")
+        on_disconnect = extensions.get(DISCONNECT_EXTENSION) if extensions else None
+        watch: asyncio.Task[None] | None = None
+        if on_disconnect is not None:  # our own server calls back: no watcher task needed
+            on_disconnect(lambda: self._client_gone(task))
+        else:
+            watch = asyncio.get_running_loop().create_task(self._wait_disconnect(receive, task))
         try:
             await self._run(send)
         except asyncio.CancelledError:
@@ -704,7 +717,8 @@ class ProxyResponse:
             ctx.error = "client disconnected"
             ctx.status = 499  # nginx's "client closed request", whatever was relayed before
         finally:
-            watch.cancel()
+            if watch is not None:
+                watch.cancel()
             router.active -= 1
             router.metrics.in_progress.set(router.active)
             router.metrics.requests.labels(str(ctx.status or 499)).inc()
@@ -719,10 +733,13 @@ class ProxyResponse:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                if not self._finished:
-                    self._gone = True
-                    task.cancel()
+                self._client_gone(task)
                 return
+
+    def _client_gone(self, task: asyncio.Task[Any]) -> None:
+        if not self._finished:
+            self._gone = True
+            task.cancel()
 
     async def _send_start(self, send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self._started = True
