@@ -241,7 +241,7 @@ class MlpModel:
         ValueError: inconsistent shapes or non-finite values.
     """
 
-    __slots__ = ("biases", "log_target", "trained_on", "version", "weights", "x_hi", "x_lo", "x_mean",
+    __slots__ = ("_fast", "biases", "log_target", "trained_on", "version", "weights", "x_hi", "x_lo", "x_mean",
                  "x_scale", "y_mean", "y_scale")
 
     def __init__(self, weights: Sequence[np.ndarray], biases: Sequence[np.ndarray], *, x_mean: np.ndarray,
@@ -275,6 +275,14 @@ class MlpModel:
         self.log_target = bool(log_target)
         self.version = int(version)
         self.trained_on = int(trained_on)
+        # The forward pass runs in float32 with the input standardization folded into the first
+        # layer: half the memory traffic and twice the SIMD width of float64, which is what a
+        # 3 x 128 network over a few dozen candidates is bound by (relative error ~1e-6, far below
+        # any difference that decides an argmin in practice).
+        w0 = self.weights[0] / self.x_scale[:, None]
+        b0 = self.biases[0] - (self.x_mean / self.x_scale) @ self.weights[0]
+        self._fast = tuple((np.ascontiguousarray(w, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32))
+                           for w, b in zip((w0, *self.weights[1:]), (b0, *self.biases[1:]), strict=True))
 
     @property
     def n_features(self) -> int:
@@ -282,14 +290,14 @@ class MlpModel:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """The model's output for each row of ``x`` (``log`` seconds or seconds, see the class)."""
-        h = (x - self.x_mean) / self.x_scale
-        last = len(self.weights) - 1
-        for k, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+        h = np.asarray(x, dtype=np.float32)
+        last = len(self._fast) - 1
+        for k, (w, b) in enumerate(self._fast):
             h = h @ w
             h += b
             if k < last:
                 np.maximum(h, 0.0, out=h)
-        out: np.ndarray = h[:, 0] * self.y_scale + self.y_mean
+        out: np.ndarray = h[:, 0].astype(np.float64) * self.y_scale + self.y_mean
         return out
 
     def ttft_s(self, x: np.ndarray) -> np.ndarray:
