@@ -1,7 +1,8 @@
-"""Running real routers for tests: in a thread (uvicorn on a loopback port) or as a subprocess."""
+"""Running real routers for tests: in a thread (on a loopback port) or as a subprocess."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -18,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+import uvloop
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from isthmus.router.app import Router, build_app
 from isthmus.router.config import RouterConfig
+from isthmus.router.front import FrontServer
 
 FAST_HEALTH = {"probe_period_s": 0.05, "probe_timeout_s": 0.5}
 
@@ -54,20 +57,52 @@ def free_port() -> int:
 
 
 class RouterThread:
-    """A real router (uvicorn + the app) serving on a loopback port from a background thread."""
+    """A real router serving on a loopback port from a background thread: the router's own server
+    (:class:`~isthmus.router.front.FrontServer`, as ``isthmus serve`` runs it) or, with
+    ``server="uvicorn"``, the same application under uvicorn (any ASGI server must do)."""
 
-    def __init__(self, cfg: RouterConfig) -> None:
+    def __init__(self, cfg: RouterConfig, server: str = "front") -> None:
         self.config = cfg
         self.router = Router(cfg)
-        app = build_app(cfg, router=self.router)
-        self.server = uvicorn.Server(uvicorn.Config(
-            app, host="127.0.0.1", port=cfg.listen.port, loop="uvloop", http="httptools", lifespan="on",
-            access_log=False, log_config=None, log_level="warning", timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, name="router", daemon=True)
+        self.app = build_app(cfg, router=self.router)
+        self.kind = server
+        self._port = 0
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        if server == "uvicorn":
+            self.server = uvicorn.Server(uvicorn.Config(
+                self.app, host="127.0.0.1", port=cfg.listen.port, loop="uvloop", http="httptools", lifespan="on",
+                access_log=False, log_config=None, log_level="warning", timeout_graceful_shutdown=1))
+            target = self.server.run
+        else:
+            target = self._run_front
+        self.thread = threading.Thread(target=target, name="router", daemon=True)
+
+    def _run_front(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            front = FrontServer(self.app)
+            try:
+                urls = await front.start("127.0.0.1", self.config.listen.port)
+            except BaseException as exc:
+                self._error = exc
+                self._started.set()
+                raise
+            self._port = int(urls[0].rsplit(":", 1)[1])
+            self._started.set()
+            await self._stop.wait()
+            await front.shutdown(1.0)
+
+        uvloop.run(main())
 
     @property
     def port(self) -> int:
-        return int(self.server.servers[0].sockets[0].getsockname()[1])
+        if self.kind == "uvicorn":
+            return int(self.server.servers[0].sockets[0].getsockname()[1])
+        return self._port
 
     @property
     def url(self) -> str:
@@ -76,20 +111,25 @@ class RouterThread:
     def start(self) -> RouterThread:
         self.thread.start()
         deadline = time.monotonic() + 10
-        while not self.server.started:
+        while not (self.server.started if self.kind == "uvicorn" else self._started.is_set()):
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("router did not start")
             time.sleep(0.01)
+        if self._error is not None:
+            raise RuntimeError(f"router did not start: {self._error}")
         return self
 
     def stop(self) -> None:
-        self.server.should_exit = True
+        if self.kind == "uvicorn":
+            self.server.should_exit = True
+        elif self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
         self.thread.join(10)
 
 
 @contextmanager
-def running_router(data: dict[str, Any]) -> Iterator[RouterThread]:
-    rt = RouterThread(RouterConfig.model_validate(data)).start()
+def running_router(data: dict[str, Any], server: str = "front") -> Iterator[RouterThread]:
+    rt = RouterThread(RouterConfig.model_validate(data), server).start()
     try:
         yield rt
     finally:
