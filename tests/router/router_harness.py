@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -71,11 +71,12 @@ class RouterThread:
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        target: Callable[[], None]
         if server == "uvicorn":
             self.server = uvicorn.Server(uvicorn.Config(
                 self.app, host="127.0.0.1", port=cfg.listen.port, loop="uvloop", http="httptools", lifespan="on",
                 access_log=False, log_config=None, log_level="warning", timeout_graceful_shutdown=1))
-            target = self.server.run
+            target = self.server.run  # type: ignore[assignment]  # its socket argument is optional
         else:
             target = self._run_front
         self.thread = threading.Thread(target=target, name="router", daemon=True)
