@@ -76,7 +76,7 @@ class RouterThread:
             self.server = uvicorn.Server(uvicorn.Config(
                 self.app, host="127.0.0.1", port=cfg.listen.port, loop="uvloop", http="httptools", lifespan="on",
                 access_log=False, log_config=None, log_level="warning", timeout_graceful_shutdown=1))
-            target = self.server.run  # type: ignore[assignment]  # its socket argument is optional
+            target = self.server.run
         else:
             target = self._run_front
         self.thread = threading.Thread(target=target, name="router", daemon=True)
