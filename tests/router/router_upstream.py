@@ -45,6 +45,8 @@ class Upstream:
     chunk_interval_s: float = 0.0
     first_chunk_delay_s: float = 0.0
     fail_after: int = 2
+    pad: int = 0  # extra characters in each streamed token's text
+    written: int = 0  # streamed chunks written so far (all requests)
     status: int = 500
     healthy: bool = True
     running: int = 0
@@ -111,8 +113,10 @@ class Upstream:
                          "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
             else:
                 chunk = {"id": "c", "object": "text_completion", "created": 1, "model": body["model"],
-                         "choices": [{"index": 0, "text": f"tok{i} ", "finish_reason": None, "logprobs": None}]}
+                         "choices": [{"index": 0, "text": f"tok{i} " + "x" * self.pad, "finish_reason": None,
+                                      "logprobs": None}]}
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            self.written += 1
             await asyncio.sleep(self.chunk_interval_s)
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()

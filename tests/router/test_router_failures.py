@@ -231,6 +231,36 @@ def test_a_client_disconnect_cancels_the_upstream_request_within_a_second(stream
         assert wait_until(lambda: rt.router.state.replicas["east-0"].in_flight == 0, 2)
 
 
+def test_a_slow_client_holds_back_the_upstream_instead_of_filling_the_router() -> None:
+    # ~48 MB streamed as fast as the upstream can write: while the client reads nothing, the
+    # upstream must be held back by the full buffers along the way (the router stops reading it),
+    # not drained into the router's memory; then everything arrives
+    n = 3000
+    with upstreams("a", chunks=n, pad=16_000) as ups, \
+            running_router(config([replica(ups[0].url)], health=SLOW_HEALTH)) as rt:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", rt.port))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(STREAM) + STREAM)
+        got = s.recv(4096)
+        assert got.startswith(b"HTTP/1.1 200")
+        time.sleep(1.0)
+        held = ups[0].written
+        assert held < n // 2, f"the upstream wrote {held} of {n} chunks to a client that reads nothing"
+        total = len(got)
+        tail = got
+        while not tail.endswith(b"0\r\n\r\n"):
+            data = s.recv(1 << 20)
+            assert data, "the stream ended early"
+            total += len(data)
+            tail = (tail + data)[-64:]
+        s.close()
+        assert ups[0].written == n and total > n * 16_000
+        assert b"data: [DONE]" in tail
+
+
 def test_requests_wait_while_every_replica_is_at_its_in_flight_cap() -> None:
     with upstreams("a", first_chunk_delay_s=0.3) as ups, running_router(config(
             [replica(ups[0].url, max_in_flight=1)], limits={"queue_wait_s": 5.0})) as rt:

@@ -73,7 +73,7 @@ from isthmus.router.errors import (
     unauthorized,
     unavailable,
 )
-from isthmus.router.front import DISCONNECT_EXTENSION
+from isthmus.router.front import DISCONNECT_EXTENSION, PIPE_EXTENSION, BodyPipe
 from isthmus.router.hold import HoldQueue
 from isthmus.router.kv_events import KvEventSubscribers
 from isthmus.router.metrics import RouterMetrics
@@ -687,7 +687,7 @@ class ProxyResponse:
     which closes the upstream connection.
     """
 
-    __slots__ = ("_finished", "_gone", "_started", "ctx", "router")
+    __slots__ = ("_finished", "_gone", "_pipe", "_started", "_tail", "ctx", "router")
 
     def __init__(self, router: Router, ctx: RequestContext) -> None:
         self.router = router
@@ -695,6 +695,8 @@ class ProxyResponse:
         self._started = False
         self._finished = False
         self._gone = False
+        self._pipe: BodyPipe | None = None
+        self._tail = b""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         router = self.router
@@ -703,6 +705,7 @@ class ProxyResponse:
         assert task is not None
         extensions = scope.get("extensions")
         on_disconnect = extensions.get(DISCONNECT_EXTENSION) if extensions else None
+        self._pipe = extensions.get(PIPE_EXTENSION) if extensions else None
         watch: asyncio.Task[None] | None = None
         if on_disconnect is not None:  # our own server calls back: no watcher task needed
             on_disconnect(lambda: self._client_gone(task))
@@ -917,7 +920,18 @@ class ProxyResponse:
         if first:
             done = resp.at_eof()
             await send({"type": "http.response.body", "body": first, "more_body": not done})
-            while not done:
+            pipe = self._pipe
+            if not done and pipe is not None:
+                # the rest goes from the upstream connection's callback straight to the client's
+                self._tail = first
+                try:
+                    await resp.pipe(lambda chunk: self._piped(chunk, pipe, resp))
+                except UpstreamTimeout:
+                    failure = f"upstream {ctx.target} stalled for over {router.config.timeouts.idle_s:g} s"
+                except UpstreamError:
+                    failure = f"upstream {ctx.target} broke off the stream"
+                tail = self._tail
+            while not done and pipe is None:
                 try:
                     chunk = await resp.read()
                 except UpstreamTimeout:
@@ -945,6 +959,13 @@ class ProxyResponse:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         self._finished = True
         self._done(routed, ok=True, backend_ok=True)
+
+    def _piped(self, chunk: bytes, pipe: BodyPipe, resp: UpstreamResponse) -> None:
+        pipe.write_body(chunk)
+        self._tail = chunk
+        if pipe.paused:  # the client reads slower than the upstream writes: stop reading upstream
+            resp.pause_reading()
+            pipe.on_resume(resp.resume_reading)
 
     def _first_byte(self, routed: Routed) -> None:
         ctx = self.ctx

@@ -28,7 +28,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 import httptools
@@ -45,6 +45,11 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message],
 # before the response is complete (an application may then skip a task that waits for
 # ``http.disconnect``)
 DISCONNECT_EXTENSION = "isthmus.on_disconnect"
+# scope["extensions"][PIPE_EXTENSION]: a :class:`BodyPipe` on which an application that has sent
+# ``http.response.start`` may write body bytes synchronously (a relay piping upstream chunks from a
+# protocol callback), watching ``paused`` for back pressure; it ends the body with an ordinary
+# ``http.response.body`` message
+PIPE_EXTENSION = "isthmus.body_pipe"
 _BODY_BUFFER = 256 * 1024  # request-body bytes held for the application before reading pauses
 _MAX_HEAD_BYTES = 64 * 1024
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
@@ -76,6 +81,17 @@ class _Date:
 
 
 _DATE = _Date()
+
+
+class BodyPipe(Protocol):
+    """What :data:`PIPE_EXTENSION` offers (see there)."""
+
+    def write_body(self, data: bytes) -> None: ...
+
+    @property
+    def paused(self) -> bool: ...
+
+    def on_resume(self, callback: Callable[[], object]) -> None: ...
 
 
 def _status_line(status: int) -> bytes:
@@ -126,7 +142,7 @@ class _Exchange:
         self._waiter: asyncio.Future[None] | None = None
         self._continue = expect_continue
         self.on_gone: Callable[[], object] | None = None
-        scope["extensions"] = {DISCONNECT_EXTENSION: self._set_on_gone}
+        scope["extensions"] = {DISCONNECT_EXTENSION: self._set_on_gone, PIPE_EXTENSION: self}
 
     def _set_on_gone(self, callback: Callable[[], object]) -> None:
         self.on_gone = callback
@@ -183,6 +199,26 @@ class _Exchange:
                 self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self._waiter = self.conn.loop.create_future()
             await self._waiter
+
+    # ---------------------------------------------------------------- BodyPipe
+    def write_body(self, data: bytes) -> None:
+        """Body bytes, more to follow, written now (after ``http.response.start``)."""
+        if not data or self.head_only or self.finished:
+            return
+        out = b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data
+        if self.head:
+            out = self.head + out
+            self.head = b""
+        self.conn.write(out)
+
+    @property
+    def paused(self) -> bool:
+        """The client's socket buffer is full: stop producing until :meth:`on_resume` calls back."""
+        return self.conn.write_paused
+
+    def on_resume(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` once when writing may go on (at once if it may now)."""
+        self.conn.when_writable(callback)
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
@@ -262,6 +298,7 @@ class _Connection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
+        self._writable: list[Callable[[], object]] = []
         self._read_paused = False
         self._body_paused = False
         self._idle: asyncio.TimerHandle | None = None
@@ -285,6 +322,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._writable = []
         self.server.connections.discard(self)
         if self._idle is not None:
             self._idle.cancel()
@@ -326,6 +364,15 @@ class _Connection(asyncio.Protocol):
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
         self._drain = None
+        waiting, self._writable = self._writable, []
+        for callback in waiting:
+            callback()
+
+    def when_writable(self, callback: Callable[[], object]) -> None:
+        if self.write_paused and self.transport is not None:
+            self._writable.append(callback)
+        else:
+            callback()
 
     async def drained(self) -> None:
         if self.transport is None:
@@ -585,4 +632,4 @@ class _Lifespan:
         await self._task
 
 
-__all__ = ["DISCONNECT_EXTENSION", "FrontServer"]
+__all__ = ["DISCONNECT_EXTENSION", "PIPE_EXTENSION", "BodyPipe", "FrontServer"]

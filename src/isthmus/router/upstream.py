@@ -131,6 +131,11 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.wait_until = 0.0  # loop time at which the current wait times out
         self.timer: asyncio.TimerHandle | None = None
+        # piping (UpstreamResponse.pipe): body chunks go straight to ``sink``, each pushing the idle
+        # timeout forward, never past ``pipe_until`` (loop time)
+        self.sink: Callable[[bytes], object] | None = None
+        self.pipe_idle_s = 0.0
+        self.pipe_until = 0.0
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -168,6 +173,12 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            until = self.loop.time() + self.pipe_idle_s
+            self.wait_until = until if until < self.pipe_until else self.pipe_until
+            sink(body)
+            return
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
@@ -304,6 +315,47 @@ class UpstreamResponse:
             if conn.complete:
                 return b""
             await conn.wait(min(self._idle_s, self._deadline - self._clock()))
+
+    async def pipe(self, sink: Callable[[bytes], object]) -> None:
+        """Hand the rest of the body to ``sink``, chunk by chunk as the parser delivers it (from the
+        protocol's callback: no task wakes per chunk); returns at the end of the body.
+
+        Raises:
+            UpstreamTimeout, UpstreamBroken: as :meth:`read`; what ``sink`` got until then stays sent.
+        """
+        conn = self._conn
+        if conn.chunks:
+            sink(conn.take())
+        if conn.error is not None:
+            raise conn.error
+        if conn.complete:
+            return
+        left = self._deadline - self._clock()
+        conn.pipe_idle_s = self._idle_s
+        conn.pipe_until = conn.loop.time() + left
+        conn.sink = sink
+        try:
+            while True:
+                if conn.error is not None:
+                    raise conn.error
+                if conn.complete:
+                    return
+                await conn.wait(min(self._idle_s, self._deadline - self._clock()))
+        finally:
+            conn.sink = None
+
+    def pause_reading(self) -> None:
+        """Stop reading the body off the socket (the consumer is behind)."""
+        conn = self._conn
+        if not conn.paused and conn.transport is not None and not conn.closed:
+            conn.paused = True
+            conn.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        conn = self._conn
+        if conn.paused and conn.transport is not None and not conn.closed:
+            conn.paused = False
+            conn.transport.resume_reading()
 
     async def read_all(self, limit: int) -> bytes:
         """The whole body.
