@@ -8,7 +8,7 @@ import pytest
 from isthmus.core.errors import RegistryError
 from isthmus.policies import default_registry
 
-NEW = ["cache_aware", "gorgo", "gorgo_proxy", "lodestar", "preble", "prefix_trie", "session_affinity", "weighted"]
+NEW = ["cache_aware", "gorgo", "gorgo_proxy", "lodestar", "preble", "prefix_trie", "session_affinity", "slo", "weighted"]
 
 
 def test_registry_holds_the_baselines_and_the_field():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -9,14 +10,30 @@ from dataclasses import dataclass
 class SLO:
     """Service-level targets of a request, in seconds; ``None`` means no target.
 
-    ``ttft_s``: time to first token; ``tpot_s``: mean time per output token after the first;
-    ``e2e_s``: end-to-end latency. ``name`` is the SLO class the request belongs to.
+    An SLO is also an SLO *class*: requests with the same ``name`` share its targets (see
+    :mod:`isthmus.core.slo` for classes, their resolution and the deadline queue).
+
+    Attributes:
+        name: the SLO class the request belongs to.
+        ttft_s: time to first token, measured at the client from its send.
+        tpot_s: mean time per output token after the first.
+        e2e_s: end-to-end latency, from the client's send to its last token.
+        priority: the class's scheduling priority; lower runs first (vLLM's convention), 0 is
+            the normal priority. Queues that honour priorities order by it before deadlines.
     """
 
     name: str = "default"
     ttft_s: float | None = None
     tpot_s: float | None = None
     e2e_s: float | None = None
+    priority: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("an SLO class needs a non-empty name")
+        for field, v in (("ttft_s", self.ttft_s), ("tpot_s", self.tpot_s), ("e2e_s", self.e2e_s)):
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"SLO {self.name!r}: {field} must be finite and > 0, got {v}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +49,10 @@ class Request:
             ``len(block_hashes) <= prompt_tokens // block_size``.
         max_output_tokens: tokens to generate. Engines generate exactly this many (traces record the
             real output length, so replay ignores end-of-sequence).
-        slo: optional targets.
+        slo: optional targets (the request's SLO class).
         session: optional session key (multi-turn conversations), for affinity policies.
+        model: the model the client asked for; ``None`` (every simulated request) means any
+            replica serves it. Requests of one model form the groups a deadline queue blocks together.
     """
 
     id: str
@@ -44,6 +63,7 @@ class Request:
     max_output_tokens: int
     slo: SLO | None = None
     session: str | None = None
+    model: str | None = None
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 1:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Protocol
+
+from isthmus.core.prefix_index import PrefixIndex as PrefixIndex
+from isthmus.core.topology import PriceBook
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +28,14 @@ class InstanceView:
         in_flight: requests sent to it and not finished, as the router counts them.
         prefill_s_per_token: prefill seconds per prompt token of its GPU x model profile (GORGO's
             ``t_p``); ``nan`` when unknown.
+        model: the model it serves; ``None`` when unknown (serves any request).
+        max_num_seqs: its engine's cap on running sequences; 0 when unknown.
+        decode_step_s: seconds of one decode-only step of its running batch plus one more
+            sequence, from its profile (:func:`isthmus.core.slo.decode_step_estimate`); ``nan`` when
+            not computed. Shells fill it for policies that set ``uses_decode_step = True``.
+        deferred_waiting, deferred_prefill_tokens: the part of ``waiting`` and of
+            ``queued_prefill_tokens`` that belongs to requests queued at a priority > 0 (lower than
+            normal), which a normal-priority request overtakes.
     """
 
     id: str
@@ -41,6 +51,11 @@ class InstanceView:
     age: float = 0.0
     in_flight: int = 0
     prefill_s_per_token: float = math.nan
+    model: str | None = None
+    max_num_seqs: int = 0
+    decode_step_s: float = math.nan
+    deferred_waiting: int = 0
+    deferred_prefill_tokens: int = 0
 
     @property
     def available(self) -> bool:
@@ -78,136 +93,6 @@ class CallbackPrefixView:
         return {rid: n for rid, fn in self._lookups.items() if (n := fn(block_hashes))}
 
 
-class PrefixIndex:
-    """A router-side mirror of what each replica probably caches: an LRU of block hashes per replica.
-
-    The router records the blocks of every request it sends (``record``), and forgets the least
-    recently used blocks of a replica beyond ``capacity_blocks`` (the replica's KV size), the way
-    the replica's own LRU would. This is GORGO-proxy's "mirror of what the proxy sent where"; KV
-    events from the engine can correct it (``remove``).
-
-    A prompt's blocks are recorded last-to-first, so its first blocks are the most recent: when a
-    replica's cache fills, the tails of old prompts go first, as in vLLM, which frees a request's
-    blocks in reverse. Lookups use a hash -> holders bitmask: a miss on the first block costs one
-    dict lookup whatever the number of replicas, and a match of any length costs a bisection per
-    point where some replica drops out (a walk block by block once ``remove`` has broken the
-    nesting).
-    """
-
-    def __init__(self, capacity_blocks: Mapping[str, int]) -> None:
-        self._capacity = dict(capacity_blocks)
-        self._ids = list(capacity_blocks)
-        self._bit = {rid: 1 << i for i, rid in enumerate(self._ids)}
-        # Per replica, a plain dict used as an LRU: re-inserting a key moves it to the recent end.
-        self._blocks: dict[str, dict[int, None]] = {rid: {} for rid in capacity_blocks}
-        self._holders: dict[int, int] = {}  # block hash -> bitmask of replicas holding it
-        self._nested = True  # no block was removed out of LRU order: holders shrink along a prompt
-
-    def record(self, replica: str, block_hashes: Sequence[int]) -> None:
-        """Mark ``block_hashes`` as cached on ``replica``, the first block the most recently used."""
-        lru = self._blocks[replica]
-        bit = self._bit[replica]
-        holders = self._holders
-        ordered = block_hashes[::-1]
-        for h in lru.keys() & block_hashes:
-            del lru[h]
-        lru.update(dict.fromkeys(ordered))
-        get = holders.get
-        for h in ordered:
-            holders[h] = get(h, 0) | bit
-        over = len(lru) - self._capacity[replica]
-        if over > 0:
-            clear = ~bit
-            for h in list(islice(lru, over)):
-                del lru[h]
-                m = holders[h] & clear
-                if m:
-                    holders[h] = m
-                else:
-                    del holders[h]
-
-    def blocks(self, replica: str) -> int:
-        """Blocks the mirror holds for ``replica`` (0 for an unknown one)."""
-        lru = self._blocks.get(replica)
-        return len(lru) if lru is not None else 0
-
-    def remove(self, replica: str, block_hashes: Sequence[int]) -> None:
-        """Forget ``block_hashes`` on ``replica`` (e.g. on a KV ``BlockRemoved`` event)."""
-        self._nested = False
-        lru = self._blocks[replica]
-        clear = ~self._bit[replica]
-        holders = self._holders
-        for h in block_hashes:
-            if lru.pop(h, 0) is None:
-                m = holders[h] & clear
-                if m:
-                    holders[h] = m
-                else:
-                    del holders[h]
-
-    def clear(self, replica: str) -> None:
-        """Forget everything about ``replica`` (e.g. ``AllBlocksCleared``, or a restart)."""
-        self.remove(replica, list(self._blocks[replica]))
-
-    def __len__(self) -> int:
-        """Blocks recorded over all replicas."""
-        return sum(len(b) for b in self._blocks.values())
-
-    def match(self, block_hashes: Sequence[int]) -> Mapping[str, int]:
-        if not self._nested:
-            return self._walk(block_hashes)
-        # Records always cover a prompt from its first block and evict tails first, so a replica
-        # holding block i holds every block before it: the holder set shrinks along the prompt,
-        # and each point where it shrinks can be found by bisection.
-        out: dict[str, int] = {}
-        get = self._holders.get
-        n = len(block_hashes)
-        if n == 0:
-            return out
-        mask = get(block_hashes[0], 0)
-        lo = 0
-        while mask:
-            if get(block_hashes[n - 1], 0) & mask == mask:
-                self._emit(out, mask, n)
-                break
-            hi = n - 1  # invariant: all of mask holds block lo, not all hold block hi
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if get(block_hashes[mid], 0) & mask == mask:
-                    lo = mid
-                else:
-                    hi = mid
-            still = get(block_hashes[hi], 0) & mask
-            self._emit(out, mask & ~still, hi)
-            mask = still
-            lo = hi
-        return out
-
-    def _walk(self, block_hashes: Sequence[int]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        holders = self._holders
-        mask = -1
-        n = 0
-        for h in block_hashes:
-            m = holders.get(h, 0) & mask
-            if m != mask and n:
-                self._emit(out, mask & ~m, n)
-            mask = m
-            if not mask:
-                return out
-            n += 1
-        if n and mask:
-            self._emit(out, mask, n)
-        return out
-
-    def _emit(self, out: dict[str, int], bits: int, n: int) -> None:
-        ids = self._ids
-        while bits:
-            low = bits & -bits
-            out[ids[low.bit_length() - 1]] = n
-            bits ^= low
-
-
 @dataclass(frozen=True)
 class ClusterSnapshot:
     """Immutable input of :meth:`Policy.choose`, built by the router's collectors or by the simulator.
@@ -221,6 +106,7 @@ class ClusterSnapshot:
         block_size: tokens per KV block, to turn matched blocks into tokens.
         hops: how many times this request was already forwarded between regional routers
             (the hop header); a policy must not forward a request with ``hops >= 1``.
+        prices: GPU and egress prices (the topology's); ``None`` when the shell knows none.
     """
 
     now: float
@@ -230,6 +116,7 @@ class ClusterSnapshot:
     prefix: PrefixIndexView = field(default_factory=NoPrefixInfo)
     block_size: int = 16
     hops: int = 0
+    prices: PriceBook | None = None
 
     def available(self) -> list[InstanceView]:
         """Replicas that may receive a request (healthy and not full), in snapshot order."""

@@ -6,7 +6,9 @@ Each step (MODELS.md §1):
    while the token budget (``max_num_batched_tokens``) lasts. When the KV pool cannot hold a
    request's new tokens, the newest running request is preempted (its blocks freed, to be
    recomputed later) until it can, or until the request itself is the one preempted;
-2. then, if nothing was preempted this step, waiting requests in arrival order while the budget,
+2. then, if nothing was preempted this step, waiting requests in order (arrival order; with
+   priorities, lower ``priority`` first and arrival order within a priority, as vLLM's priority
+   scheduler; preempted requests go back to the front) while the budget,
    the sequence cap (``max_num_seqs``) and free blocks allow (for the whole sequence, with
    ``reserve_full_isl``, else for the first chunk). A newly admitted request first
    reuses the longest cached prefix of its prompt (at most ``prompt - 1`` tokens) and computes
@@ -38,10 +40,11 @@ class _Seq:
     """Mutable scheduling state of one request on this replica."""
 
     __slots__ = ("arrived", "blocks", "cached_tokens", "computed", "first_scheduled_at", "first_token_at",
-                 "hashed", "out", "preemptions", "prompt", "queried", "req", "target")
+                 "hashed", "out", "preemptions", "priority", "prompt", "queried", "req", "target")
 
-    def __init__(self, req: Request, arrived: float) -> None:
+    def __init__(self, req: Request, arrived: float, priority: int = 0) -> None:
         self.req = req
+        self.priority = priority
         self.arrived = arrived
         self.prompt = req.prompt_tokens
         self.target = req.max_output_tokens
@@ -131,14 +134,18 @@ class Replica:
         self._running_prompt_tokens = 0
         self._prefilling_prompt_tokens = 0  # prompt tokens of running requests without a first token
         self._waiting_tokens = 0
+        self._prioritized_waiting = 0  # waiting requests with a priority other than 0
+        self._deferred_tokens = 0  # tokens to compute of waiting requests with priority > 0
+        self._deferred = 0  # waiting requests with priority > 0
         self.prefix_queries_tokens = 0
         self.prefix_hits_tokens = 0
         self.preemptions = 0
         self.steps = 0
 
     # ----------------------------------------------------------------------------- requests
-    def add_request(self, request: Request, now: float) -> None:
-        """Queue ``request`` (arrived at ``now``) behind the waiting ones."""
+    def add_request(self, request: Request, now: float, priority: int = 0) -> None:
+        """Queue ``request`` (arrived at ``now``) behind the waiting ones of its ``priority`` or
+        lower (lower runs first, vLLM's convention; all 0 is plain arrival order)."""
         if request.id in self._seqs:
             raise ValueError(f"request {request.id} is already on replica {self.id}")
         need = -(-(request.prompt_tokens + request.max_output_tokens) // self._bs)
@@ -147,10 +154,22 @@ class Replica:
                 f"request {request.id} needs {need} KV blocks ({request.prompt_tokens} + "
                 f"{request.max_output_tokens} tokens); replica {self.id} has {self.pool.num_blocks}"
             )
-        s = _Seq(request, now)
+        s = _Seq(request, now, priority)
         self._seqs[request.id] = s
-        self.waiting.append(s)
+        waiting = self.waiting
+        if priority == 0 and not self._prioritized_waiting:
+            waiting.append(s)
+        else:
+            i = len(waiting)
+            while i > 0 and waiting[i - 1].priority > priority:
+                i -= 1
+            waiting.insert(i, s)
+            if priority != 0:
+                self._prioritized_waiting += 1
         self._waiting_tokens += s.prompt
+        if priority > 0:
+            self._deferred_tokens += s.prompt
+            self._deferred += 1
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is, freeing its blocks; ``False`` if it is not here."""
@@ -164,6 +183,11 @@ class Replica:
                 self._prefilling_prompt_tokens -= s.prompt
         else:
             self.waiting.remove(s)
+            if s.priority != 0:
+                self._prioritized_waiting -= 1
+            if s.priority > 0:
+                self._deferred_tokens -= s.prompt + s.out - s.computed
+                self._deferred -= 1
             self._waiting_tokens -= s.prompt + s.out - s.computed
         self.pool.free(s.blocks)
         s.blocks = []
@@ -172,6 +196,11 @@ class Replica:
     @property
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
+
+    @property
+    def running_prompt_tokens(self) -> int:
+        """Prompt tokens of the running requests."""
+        return self._running_prompt_tokens
 
     @property
     def prefilling_prompt_tokens(self) -> int:
@@ -198,11 +227,13 @@ class Replica:
 
     def view(self, age: float = 0.0, healthy: bool = True, full: bool = False, extra_waiting: int = 0,
              extra_waiting_tokens: int = 0, in_flight: int = 0, prefill_s_per_token: float = math.nan,
+             decode_step_s: float = math.nan, extra_deferred: int = 0, extra_deferred_tokens: int = 0,
              ) -> InstanceView:
         """This replica as a router would see it (what vLLM's ``/metrics`` exposes).
 
         ``extra_waiting`` / ``extra_waiting_tokens``: requests (and their prompt tokens) the router
-        sent that have not reached the engine yet; they count as waiting.
+        sent that have not reached the engine yet; they count as waiting. ``extra_deferred`` /
+        ``extra_deferred_tokens``: the part of those sent with a priority > 0.
         """
         return InstanceView(
             id=self.id, region=self.spec.region, gpu=self.spec.gpu,
@@ -210,7 +241,9 @@ class Replica:
             running_tokens=self._running_prompt_tokens,
             queued_prefill_tokens=self._waiting_tokens + extra_waiting_tokens,
             kv_usage=self.pool.usage, healthy=healthy, full=full, age=age, in_flight=in_flight,
-            prefill_s_per_token=prefill_s_per_token,
+            prefill_s_per_token=prefill_s_per_token, model=self.spec.model, max_num_seqs=self.spec.max_num_seqs,
+            decode_step_s=decode_step_s, deferred_waiting=self._deferred + extra_deferred,
+            deferred_prefill_tokens=self._deferred_tokens + extra_deferred_tokens,
         )
 
     # ----------------------------------------------------------------------------- stepping
@@ -241,6 +274,11 @@ class Replica:
             self._prefilling_prompt_tokens -= s.prompt
         self._waiting_tokens += s.prompt + s.out
         self.waiting.appendleft(s)
+        if s.priority != 0:
+            self._prioritized_waiting += 1
+            if s.priority > 0:
+                self._deferred_tokens += s.prompt + s.out
+                self._deferred += 1
         result.preempted.append(s.req.id)
 
     def _step_once(self, now: float) -> StepResult:
@@ -296,6 +334,11 @@ class Replica:
                 if reserve_full and -(-total // bs) - len(hits) > pool.num_free - reclaimed:
                     break  # the whole sequence must fit before any of it is admitted
                 waiting.popleft()
+                if s.priority != 0:
+                    self._prioritized_waiting -= 1
+                    if s.priority > 0:
+                        self._deferred_tokens -= total
+                        self._deferred -= 1
                 pool.touch(hits)
                 s.blocks = hits + pool.allocate(need) if need > 0 else hits
                 s.computed = hit_tokens
@@ -422,6 +465,9 @@ class Replica:
                 referenced[b] = referenced.get(b, 0) + 1
         for s in self.waiting:
             assert not s.blocks, f"waiting request {s.req.id} holds blocks"
+        assert self._prioritized_waiting == sum(1 for s in self.waiting if s.priority != 0)
+        assert self._deferred_tokens == sum(s.prompt + s.out - s.computed for s in self.waiting if s.priority > 0)
+        assert self._deferred == sum(1 for s in self.waiting if s.priority > 0)
         for b, c in referenced.items():
             assert self.pool._ref[b] == c, f"block {b}: {self.pool._ref[b]} refs, {c} holders"
         assert sum(self.pool._ref) == sum(referenced.values())

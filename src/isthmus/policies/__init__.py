@@ -14,6 +14,7 @@ from isthmus.policies.gorgo import GorgoPolicy, GorgoProxyPolicy, make_gorgo, ma
 from isthmus.policies.lodestar import LodestarPolicy, make_lodestar
 from isthmus.policies.preble import PreblePolicy, make_preble
 from isthmus.policies.prefix import CacheAwarePolicy, PrefixTriePolicy, make_cache_aware, make_prefix_trie
+from isthmus.policies.slo import SLOParams, SLOPolicy, make_slo
 from isthmus.policies.weighted import WeightedPolicy, make_weighted
 
 
@@ -31,6 +32,7 @@ def default_registry() -> PolicyRegistry:
     reg.register("gorgo_proxy", make_gorgo_proxy)
     reg.register("gorgo", make_gorgo)
     reg.register("lodestar", make_lodestar)
+    reg.register("slo", make_slo)
     return reg
 
 
@@ -45,6 +47,8 @@ __all__ = [
     "PrefixTriePolicy",
     "RandomPolicy",
     "RoundRobinPolicy",
+    "SLOParams",
+    "SLOPolicy",
     "SessionAffinityPolicy",
     "WeightedPolicy",
     "default_registry",

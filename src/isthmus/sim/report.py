@@ -8,7 +8,10 @@ The JSON document (keys may be added, never renamed)::
                   "throughput_rps": float, "prefix_hit_rate": float, "cross_region_share": float, ...}]}
 
 Latencies are seconds, throughput is completed requests per simulated second, rates and shares are
-in [0, 1]. A statistic over no samples is ``null``. Wall-clock figures are excluded unless asked
+in [0, 1]. Runs whose requests carry SLO classes add ``slo`` (attainment and goodput per class,
+rejections by code), runs whose policy predicts TTFT / E2E add ``estimator`` (its error), and runs
+on a topology with prices add ``cost`` (GPU and egress US dollars, and per million tokens); see
+:meth:`isthmus.sim.metrics.SimResult.summary`. A statistic over no samples is ``null``. Wall-clock figures are excluded unless asked
 for (``timing``), so the same scenario and seed give byte-identical files: keys are sorted, floats
 are printed by orjson's shortest round-trip repr.
 """
@@ -26,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 from rich import box
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -139,7 +142,27 @@ def policy_table(record: Mapping[str, Any]) -> Group:
             t.add_row(label, *(_ms(stats.get(s)) for s in STAT_KEYS))
     line = Text(f"throughput {record['throughput_rps']:.3f} req/s, prefix hit rate {_pct(record['prefix_hit_rate'])}, "
                 f"cross-region {_pct(record['cross_region_share'])}")
-    return Group(t, line, Text(""))
+    lines: list[RenderableType] = [t, line]
+    slo = record.get("slo")
+    if isinstance(slo, Mapping):
+        per_class = ", ".join(f"{name} {_pct(c.get('attainment'))}" for name, c in slo.get("classes", {}).items())
+        lines.append(Text(f"SLO attainment {_pct(slo.get('attainment'))} ({per_class}), goodput "
+                          f"{float(slo.get('goodput_rps') or 0.0):.3f} req/s, rejected {slo.get('rejected', 0)}"))
+    est = record.get("estimator")
+    if isinstance(est, Mapping):
+        parts = [f"{key.upper()} mean abs error {_ms(e['abs_err_s'].get('mean'))} ms (median relative "
+                 f"{_pct(e['rel_err'].get('p50'))})" for key, e in est.items()
+                 if key != "per_class" and isinstance(e, Mapping)]
+        lines.append(Text("estimator: " + "; ".join(parts)))
+    cost = record.get("cost")
+    if isinstance(cost, Mapping):
+        lines.append(Text(f"cost: ${_usd(cost.get('usd_per_mtok'))} per million tokens (fleet), "
+                          f"${_usd(cost.get('usd_per_mtok_busy'))} (busy GPU time), egress ${_usd(cost.get('egress_usd'))}"))
+    return Group(*lines, Text(""))
+
+
+def _usd(value: Any) -> str:
+    return "—" if value is None else f"{float(value):.4g}"
 
 
 _COMPARED: tuple[tuple[str, Callable[[Mapping[str, Any]], str]], ...] = (
@@ -159,6 +182,12 @@ _COMPARED_IF_PRESENT: tuple[tuple[str, str, Callable[[Mapping[str, Any]], str]],
     ("regret mean (×)", "regret", lambda r: _times(r["regret"].get("mean"))),
     ("regret p99 (×)", "regret", lambda r: _times(r["regret"].get("p99"))),
     ("forwarded share", "forward_share", lambda r: _pct(r["forward_share"])),
+    ("SLO attainment", "slo", lambda r: _pct(r["slo"].get("attainment"))),
+    ("goodput (req/s)", "slo", lambda r: f"{float(r['slo'].get('goodput_rps') or 0.0):.3f}"),
+    ("rejected", "slo", lambda r: str(r["slo"].get("rejected", 0))),
+    ("$ / M tokens (fleet)", "cost", lambda r: _usd(r["cost"].get("usd_per_mtok"))),
+    ("$ / M tokens (busy)", "cost", lambda r: _usd(r["cost"].get("usd_per_mtok_busy"))),
+    ("TTFT est. error (ms)", "estimator", lambda r: _ms((r["estimator"].get("ttft") or {}).get("abs_err_s", {}).get("mean"))),
 )
 """Rows shown when the runs report the figure (``key``), i.e. by simulators that compute it."""
 

@@ -1,7 +1,8 @@
 """Scenario files: one typed, frozen description of a simulated deployment, loaded from YAML.
 
-A scenario says where the regions are and how far apart (``topology``), which replicas run where
-(``replicas``), what traffic arrives (``workload``), where the router sits (``router``), which
+A scenario says where the regions are and how far apart (``topology``, with optional GPU and
+egress prices), which replicas run where (``replicas``), what traffic arrives (``workload``), which
+SLO classes its requests belong to (``slo``, optional), where the router sits (``router``), which
 routing policies to compare (``policies``) and the seed. ``docs/scenario_format.md`` documents every
 field; :class:`ScenarioConfig` is the schema and the single place each default is defined.
 
@@ -40,9 +41,11 @@ from isthmus.core.instance import InstanceSpec
 from isthmus.core.perf import builtin_perf_model, gpu_spec
 from isthmus.core.policy import Policy, PolicyRegistry
 from isthmus.core.request import Request
-from isthmus.core.topology import Topology
+from isthmus.core.slo import QueueOrder
+from isthmus.core.topology import DEFAULT_BYTES_PER_TOKEN, Topology
 from isthmus.sim.simulator import Simulation
 from isthmus.workloads import WorkloadSpec, build_requests, offered_rate
+from isthmus.workloads.slo import SLOConfig, assign_slo_classes, slo_rng
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -106,6 +109,7 @@ class TopologyConfig(_Frozen):
         gpu_usd_per_hour: optional price of one GPU hour per GPU type.
         egress_usd_per_gb: optional price of moving one GB between regions, nested pairs like
             ``rtt_ms``; when given, every pair must be covered; inside a region it defaults to 0.
+        bytes_per_token: bytes one token weighs on the wire when egress is priced (text: about 4).
     """
 
     regions: tuple[str, ...] = Field(min_length=1)
@@ -113,6 +117,7 @@ class TopologyConfig(_Frozen):
     intra_region_rtt_ms: float = Field(default=2.0, ge=0.0)
     gpu_usd_per_hour: dict[str, float] = Field(default_factory=dict)
     egress_usd_per_gb: dict[str, dict[str, float]] | None = None
+    bytes_per_token: float = Field(default=DEFAULT_BYTES_PER_TOKEN, ge=0.0, allow_inf_nan=False)
 
     @field_validator("regions")
     @classmethod
@@ -168,7 +173,7 @@ class TopologyConfig(_Frozen):
             egress = _pair_matrix(self.regions, self.egress_usd_per_gb, "egress_usd_per_gb",
                                   dict.fromkeys(self.regions, 0.0))
         return Topology(regions=self.regions, rtt_s=self.rtt_matrix_s(), egress_usd_per_gb=egress,
-                        gpu_usd_per_hour=dict(self.gpu_usd_per_hour))
+                        gpu_usd_per_hour=dict(self.gpu_usd_per_hour), bytes_per_token=self.bytes_per_token)
 
 
 # ----------------------------------------------------------------------------------------- replicas
@@ -215,6 +220,7 @@ class ReplicaGroup(_Frozen):
 # ----------------------------------------------------------------------------------------- router, policies
 RouterMode = Literal["proxy", "regional"]
 PrefixSource = Literal["mirror", "exact"]
+QueueOrderName = Literal["fifo", "edf"]
 
 # The router's timing defaults are the simulator's, so each default lives in one place.
 _SIM_DEFAULTS: dict[str, Any] = {
@@ -243,6 +249,10 @@ class RouterConfig(_Frozen):
         prefix_source: what policies see of the replicas' prefix caches: ``mirror`` (each router's
             own record of what it sent where, an LRU of each replica's KV size, as GORGO-proxy
             keeps) or ``exact`` (the engines' caches, as KV events would give).
+        queue: order of the requests a router holds: ``fifo`` (arrival order) or ``edf`` (earliest
+            deadline first within priorities, see :class:`~isthmus.core.slo.DeadlineQueue`).
+            Unset: the policy's own ``queue_order`` if it has one (``slo``: ``edf``), else ``fifo``.
+        max_hold_s: ``edf``: a request held this long goes to the front (starvation protection), s.
 
     A field that does not apply to the mode (``region`` with ``regional``, ``sync_period_s`` with
     ``proxy``) is an error when given.
@@ -253,6 +263,8 @@ class RouterConfig(_Frozen):
     sync_period_s: float = Field(default=_SIM_DEFAULTS["sync_period_s"], gt=0.0, allow_inf_nan=False)
     recheck_s: float = Field(default=_SIM_DEFAULTS["recheck_s"], gt=0.0, allow_inf_nan=False)
     prefix_source: PrefixSource = _SIM_DEFAULTS["prefix_source"]
+    queue: QueueOrderName = _SIM_DEFAULTS["queue_order"]
+    max_hold_s: float = Field(default=_SIM_DEFAULTS["max_hold_s"], gt=0.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _fields_of_the_mode(self) -> RouterConfig:
@@ -289,12 +301,16 @@ class RouterConfig(_Frozen):
         """This block with the timings the file leaves unset taken from ``policy``.
 
         A policy may carry its own ``recheck_s`` and ``sync_period_s`` (GORGO's distributed
-        balancer does: 20 ms and about 1 s in the paper); they apply when neither the scenario's
-        nor the policy entry's ``router`` block gives the field. Precedence: the file, then the
-        policy object, then the simulator's default. (``sync_period_s`` only in regional mode.)
+        balancer does: 20 ms and about 1 s in the paper) and ``queue_order`` (``slo``: ``edf``);
+        they apply when neither the scenario's nor the policy entry's ``router`` block gives the
+        field (``queue`` for ``queue_order``). Precedence: the file, then the policy object, then
+        the simulator's default. (``sync_period_s`` only in regional mode.)
         """
         given = self.model_fields_set
-        update: dict[str, float] = {}
+        update: dict[str, Any] = {}
+        order = getattr(policy, "queue_order", None)
+        if "queue" not in given and order in ("fifo", "edf"):
+            update["queue"] = order
         for name in ("recheck_s", "sync_period_s"):
             if name in given or (name == "sync_period_s" and self.mode != "regional"):
                 continue
@@ -319,6 +335,8 @@ class RouterOverride(_Frozen):
     sync_period_s: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     recheck_s: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     prefix_source: PrefixSource | None = None
+    queue: QueueOrderName | None = None
+    max_hold_s: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
 
 
 class PolicyConfig(_Frozen):
@@ -351,6 +369,7 @@ class ScenarioConfig(_Frozen):
     topology: TopologyConfig
     replicas: tuple[ReplicaGroup, ...] = Field(min_length=1)
     workload: WorkloadSpec
+    slo: SLOConfig | None = None
     router: RouterConfig = Field(default_factory=RouterConfig)
     policies: tuple[PolicyConfig, ...] = Field(default=(PolicyConfig(name="least_load"),), min_length=1)
     seed: int = Field(default=0, ge=0)
@@ -508,8 +527,13 @@ class Scenario:
         return self.config.router_for(label).resolved(self.make_policy(label, self.config.seed, registry))
 
     def requests(self, seed: int) -> Iterator[Request]:
-        """The workload's request stream (lazy; identical for every policy at a given seed)."""
-        return build_requests(self.config.workload, self.config.topology.regions, seed, self.base_dir)
+        """The workload's request stream (lazy; identical for every policy at a given seed), each
+        request with its SLO class when the scenario has an ``slo`` block."""
+        stream = build_requests(self.config.workload, self.config.topology.regions, seed, self.base_dir)
+        slo = self.config.slo
+        if slo is None:
+            return stream
+        return assign_slo_classes(stream, slo, slo_rng(seed))
 
     def offered_rate_rps(self) -> float:
         """Long-run mean request rate of the workload, req/s (``rate_rps``, else the trace's native
@@ -550,10 +574,13 @@ class Scenario:
         """A ready-to-run :class:`~isthmus.sim.simulator.Simulation` for one policy."""
         inp = self.build(policy_name, seed, registry)
         r = inp.router
+        slo = self.config.slo
+        queue: QueueOrder = "edf" if r.queue == "edf" else "fifo"
         return Simulation(inp.topology, inp.instances, inp.policy, inp.requests,
                           router_region=inp.router_region, mode=r.mode, policies_by_region=inp.policies_by_region,
                           sync_period_s=r.sync_period_s, recheck_s=r.recheck_s, prefix_source=r.prefix_source,
-                          progress=progress)
+                          progress=progress, queue_order=queue, max_hold_s=r.max_hold_s,
+                          slo_classes=tuple(c.name for c in slo.classes) if slo is not None else ())
 
     def run(self, policy_name: str, seed: int | None = None, *,
             progress: Callable[[int], None] | None = None,

@@ -9,7 +9,8 @@ Life of a request (all times virtual, seconds):
 2. the router builds a :class:`~isthmus.core.snapshot.ClusterSnapshot` of that instant and calls
    its policy. A ``None`` target holds the request at that router and asks again every
    ``recheck_s``; a forward (regional mode, at most one hop) sends it to the peer region's router,
-   ``one_way`` away, which decides again with ``hops = 1``;
+   ``one_way`` away, which decides again with ``hops = 1``; a rejection (``Decision.reject``) drops
+   it at once, counted as rejected under its code;
 3. the request reaches the replica after ``one_way(router region, replica region)`` and queues in
    its engine (:class:`~isthmus.engine.Replica`), which steps continuously while it has work;
 4. the first token and the last token travel back the same path: TTFT and E2E are measured at the
@@ -30,6 +31,19 @@ Decode-only steps between two instants at which anyone may look at a replica are
 For every request the simulator also computes a lower bound on its TTFT, the best any policy could
 do with no queueing: the minimum over replicas of the RTT from its origin plus the prefill time of
 the part of its prompt that replica does not hold, at the moment it is sent.
+
+Held requests wait in a :class:`~isthmus.core.slo.DeadlineQueue` per router: in arrival order
+(``queue_order="fifo"``, the default) or earliest deadline first with starvation protection
+(``"edf"``, ``max_hold_s``). Each ``recheck_s`` the router offers them to its policy in that order,
+and the first it cannot place ends the round for the requests of its model. While any request is
+held, a new one joins the queue without being asked. A decision's ``priority`` re-orders a held
+request (``edf``) and is the request's priority in the replica's engine queue.
+
+SLOs and money: a request's SLO (its class) is checked at completion; policy rejections are counted
+per class and code. When the topology has prices, the run adds up GPU time (the replicas' busy
+step time, and their provisioned time from the first arrival to the last finish) and egress: a
+completed request's prompt bytes on each region-crossing leg of its way in (client -> router(s) ->
+replica) and its output bytes on each leg of its way back, ``tokens * topology.bytes_per_token``.
 """
 
 from __future__ import annotations
@@ -39,12 +53,22 @@ import heapq
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
+from itertools import pairwise
 from typing import Literal
 
 from isthmus.core.instance import InstanceSpec
 from isthmus.core.perf import PerfModel, builtin_perf_model
 from isthmus.core.policy import Decision, Outcome, Policy, uses_prefix
 from isthmus.core.request import Request
+from isthmus.core.slo import (
+    QUEUE_ORDERS,
+    DeadlineQueue,
+    QueueOrder,
+    deadline_s,
+    decode_step_estimate,
+    slo_attained,
+)
 from isthmus.core.snapshot import (
     CallbackPrefixView,
     ClusterSnapshot,
@@ -64,11 +88,18 @@ PrefixSource = Literal["mirror", "exact"]
 class _Flight:
     """One request between the client's send and its completion."""
 
-    __slots__ = ("bound", "decided_at", "held_s", "hops", "reached_router", "replica", "req", "router", "via")
+    __slots__ = ("bound", "decided_at", "engine_priority", "handle", "held_s", "hops", "pred_e2e", "pred_tpot",
+                 "pred_ttft", "priority", "reached_router", "replica", "req", "router", "via")
 
     def __init__(self, req: Request, bound: float) -> None:
         self.req = req
         self.bound = bound
+        self.priority = req.slo.priority if req.slo is not None else 0  # order in a deadline queue
+        self.engine_priority = 0
+        self.handle = -1  # in its router's queue, while held
+        self.pred_ttft = math.nan
+        self.pred_e2e = math.nan
+        self.pred_tpot = math.nan
         self.router = -1  # index of the router holding / that decided it
         self.via = -1  # first router, when forwarded
         self.hops = 0
@@ -84,13 +115,13 @@ class _Router:
     __slots__ = ("held", "index", "mirror", "peer_views", "policy", "prefix", "region", "retry_at", "synced_at")
 
     def __init__(self, index: int, region: str | None, policy: Policy, prefix: PrefixIndexView,
-                 mirror: PrefixIndex | None) -> None:
+                 mirror: PrefixIndex | None, held: DeadlineQueue[_Flight]) -> None:
         self.index = index
         self.region = region
         self.policy = policy
         self.prefix = prefix
         self.mirror = mirror
-        self.held: list[_Flight] = []
+        self.held = held
         self.retry_at = math.inf
         self.peer_views: dict[str, InstanceView] = {}
         self.synced_at = -math.inf
@@ -119,6 +150,9 @@ class Simulation:
         perf_models: step-time model per instance id; default the built-in roofline model of
             each instance's (GPU, model).
         progress: called with the number of completed requests every ``progress_every``.
+        queue_order: order of the requests a router holds: ``"fifo"`` or ``"edf"``.
+        max_hold_s: ``edf``: a request held this long goes to the front (starvation protection).
+        slo_classes: SLO class names in report order (classes first seen in the stream follow).
     """
 
     def __init__(
@@ -137,6 +171,9 @@ class Simulation:
         perf_models: Mapping[str, PerfModel] | None = None,
         progress: Callable[[int], None] | None = None,
         progress_every: int = 200,
+        queue_order: QueueOrder = "fifo",
+        max_hold_s: float = 30.0,
+        slo_classes: Sequence[str] = (),
     ) -> None:
         if not instances:
             raise ValueError("a simulation needs at least one replica")
@@ -153,6 +190,10 @@ class Simulation:
             raise ValueError(f"unknown prefix source {prefix_source!r}")
         if sync_period_s <= 0 or recheck_s <= 0:
             raise ValueError("sync_period_s and recheck_s must be > 0")
+        if queue_order not in QUEUE_ORDERS:
+            raise ValueError(f"unknown queue order {queue_order!r}")
+        if not max_hold_s > 0:
+            raise ValueError("max_hold_s must be > 0")
         if policies_by_region is not None:
             missing = [r for r in topology.regions if r not in policies_by_region]
             if missing:
@@ -170,6 +211,9 @@ class Simulation:
         self._perf_models = dict(perf_models or {})
         self._progress = progress
         self._progress_every = max(1, progress_every)
+        self.queue_order: QueueOrder = queue_order
+        self.max_hold_s = max_hold_s
+        self.slo_classes = tuple(dict.fromkeys(slo_classes))
 
     def _build_replicas(self) -> list[Replica]:
         out = []
@@ -211,7 +255,8 @@ class Simulation:
             # a policy that never looks at prefixes needs no mirror (and the exact view costs nothing)
             keep = self.prefix_source == "mirror" and uses_prefix(pol)
             mirror = PrefixIndex(capacity) if keep else None
-            return _Router(i, region, pol, mirror if mirror is not None else exact, mirror)
+            return _Router(i, region, pol, mirror if mirror is not None else exact, mirror,
+                           DeadlineQueue(self.queue_order, self.max_hold_s))
 
         if regional:
             for i, reg in enumerate(regions):
@@ -222,18 +267,28 @@ class Simulation:
         local_reps: list[frozenset[int]] = [
             frozenset(i for i in range(n_rep) if not regional or rep_region[i] == r.region) for r in routers
         ]
+        need_decode = any(getattr(r.policy, "uses_decode_step", False) for r in routers)
+        prices = topo if topo.has_prices else None
+        class_index: dict[str, int] = {name: k for k, name in enumerate(self.slo_classes)}
+        rejections: dict[str, dict[str, int]] = {}
+        busy_s = [0.0] * n_rep
+        egress = {"bytes": 0.0, "usd": 0.0}
+        bytes_per_token = topo.bytes_per_token
+        egress_price = topo.egress_price
 
         loop = EventLoop()
         log = RequestLog()
         flights: dict[str, _Flight] = {}
         in_transit = [0] * n_rep
         in_transit_tokens = [0] * n_rep
+        in_transit_deferred = [0] * n_rep  # the part of in_transit sent with a priority > 0 ...
+        in_transit_deferred_tokens = [0] * n_rep  # ... and of in_transit_tokens
         in_flight = [0] * n_rep
         pending_delivery: list[list[float]] = [[] for _ in range(n_rep)]
         busy = [False] * n_rep
         watch: list[float] = []  # future instants at which a router looks at replicas
         next_send = math.inf
-        counters = {"arrived": 0, "rejected": 0, "forwards": 0, "held": 0, "decisions": 0}
+        counters = {"arrived": 0, "rejected": 0, "forwards": 0, "held": 0, "decisions": 0, "demoted": 0}
         staleness_sum = 0.0
         staleness_n = 0
         stream: Iterator[Request] = iter(self._requests)
@@ -318,6 +373,7 @@ class Simulation:
                 busy[rep] = False
                 return
             busy[rep] = True
+            busy_s[rep] += res.duration
             loop.schedule(now + res.duration, STEP_END, STEP_END, (rep, res.finished))
 
         def fresh_view(i: int) -> InstanceView:
@@ -325,8 +381,11 @@ class Simulation:
             # queued until its first token, in transit, waiting or in prefill, then as running
             rep = replicas[i]
             pre = rep.prefilling_prompt_tokens
+            step = (decode_step_estimate(rep.perf, len(rep.running), rep.running_prompt_tokens - pre)
+                    if need_decode else math.nan)
             v = rep.view(extra_waiting=in_transit[i], extra_waiting_tokens=in_transit_tokens[i] + pre,
-                         in_flight=in_flight[i], prefill_s_per_token=t_p[i])
+                         in_flight=in_flight[i], prefill_s_per_token=t_p[i], decode_step_s=step,
+                         extra_deferred=in_transit_deferred[i], extra_deferred_tokens=in_transit_deferred_tokens[i])
             if pre:
                 v = dataclasses.replace(v, running_tokens=v.running_tokens - pre)
             return v
@@ -355,10 +414,11 @@ class Simulation:
                     views[rep_ids[i]] = fresh_view(i)
             here = router.region if router.region is not None else f.req.origin
             return ClusterSnapshot(now=now, here=here, instances=views, rtt_s=rtt, prefix=router.prefix,
-                                   hops=f.hops)
+                                   hops=f.hops, prices=prices)
 
         def hold(router: _Router, f: _Flight, now: float) -> None:
-            router.held.append(f)
+            f.handle = router.held.push(f, now=now, deadline_s=deadline_s(f.req), priority=f.priority,
+                                        group=f.req.model)
             counters["held"] += 1
             if router.retry_at == math.inf:
                 router.retry_at = now + recheck
@@ -370,7 +430,16 @@ class Simulation:
             counters["decisions"] += 1
             d: Decision = router.policy.choose(req, snapshot(router, now, f))
             if d.target is None:
+                if d.reject is not None:
+                    reject(f, d.reject)
+                    return True
+                if d.priority is not None and d.priority != f.priority:
+                    f.priority = d.priority
+                    if f.handle >= 0:
+                        router.held.reprioritize(f.handle, d.priority)
                 return False
+            if d.priority is not None:
+                f.priority = d.priority
             if d.forward:
                 peer = region_router.get(d.target) if regional else None
                 if peer is None or peer is router:
@@ -393,8 +462,18 @@ class Simulation:
             f.held_s += now - f.reached_router
             f.replica = rep
             f.router = router.index
+            f.handle = -1
+            f.engine_priority = d.priority if d.priority is not None else 0
+            if req.slo is not None and f.engine_priority > req.slo.priority:
+                counters["demoted"] += 1
+            f.pred_ttft = d.estimate.ttft_s
+            f.pred_e2e = d.estimate.e2e_s
+            f.pred_tpot = d.estimate.tpot_s
             in_transit[rep] += 1
             in_transit_tokens[rep] += req.prompt_tokens
+            if f.engine_priority > 0:
+                in_transit_deferred[rep] += 1
+                in_transit_deferred_tokens[rep] += req.prompt_tokens
             in_flight[rep] += 1
             if router.mirror is not None:
                 router.mirror.record(d.target, req.block_hashes)
@@ -407,9 +486,46 @@ class Simulation:
             loop.schedule(t, DELIVER, DELIVER, (rep, req.id))
             return True
 
+        def class_of(req: Request) -> int:
+            slo = req.slo
+            if slo is None:
+                return -1
+            k = class_index.get(slo.name)
+            if k is None:
+                k = class_index[slo.name] = len(class_index)
+            return k
+
+        def reject(f: _Flight, code: str) -> None:
+            flights.pop(f.req.id)
+            f.handle = -1
+            counters["rejected"] += 1
+            name = f.req.slo.name if f.req.slo is not None else ""
+            class_of(f.req)
+            by_code = rejections.setdefault(name, {})
+            by_code[code] = by_code.get(code, 0) + 1
+
+        def add_egress(f: _Flight, rep: int) -> None:
+            req = f.req
+            path = [req.origin]
+            if f.via >= 0:
+                first = routers[f.via].region
+                assert first is not None
+                path.append(first)
+            r = routers[f.router].region
+            if r is not None:
+                path.append(r)
+            path.append(rep_region[rep])
+            size_in = req.prompt_tokens * bytes_per_token
+            size_out = req.max_output_tokens * bytes_per_token
+            for a, b in pairwise(path):
+                if a != b:
+                    egress["bytes"] += size_in + size_out
+                    egress["usd"] += (size_in * egress_price(a, b) + size_out * egress_price(b, a)) / 1e9
+
         def arrive(router: _Router, f: _Flight, now: float) -> None:
             f.router = router.index
             f.reached_router = now
+            f.handle = -1  # not held here (yet); a forwarded request left its first router's queue
             if router.held or not decide(router, f, now):
                 hold(router, f, now)
 
@@ -436,7 +552,15 @@ class Simulation:
             log.output.append(out)
             log.preemptions.append(fin.preemptions)
             log.hops.append(f.hops)
-            routers[f.router].policy.observe(Outcome(req, rep_ids[rep], f.decided_at, ttft, e2e, fin.cached_tokens))
+            log.slo_class.append(class_of(req))
+            log.slo_met.append(slo_attained(req.slo, ttft, tpot, e2e))
+            log.pred_ttft.append(f.pred_ttft)
+            log.pred_e2e.append(f.pred_e2e)
+            log.pred_tpot.append(f.pred_tpot)
+            if prices is not None:
+                add_egress(f, rep)
+            routers[f.router].policy.observe(Outcome(req, rep_ids[rep], f.decided_at, ttft, e2e, fin.cached_tokens,
+                                                     output_tokens=out))
             if progress is not None and len(log) % every == 0:
                 progress(len(log))
 
@@ -462,12 +586,14 @@ class Simulation:
                 in_transit[rep] -= 1
                 f = flights[rid]
                 in_transit_tokens[rep] -= f.req.prompt_tokens
+                if f.engine_priority > 0:
+                    in_transit_deferred[rep] -= 1
+                    in_transit_deferred_tokens[rep] -= f.req.prompt_tokens
                 try:
-                    replicas[rep].add_request(f.req, now)
+                    replicas[rep].add_request(f.req, now, f.engine_priority)
                 except ValueError:  # can never fit this replica's KV cache: refused, as vLLM would
-                    flights.pop(rid)
                     in_flight[rep] -= 1
-                    counters["rejected"] += 1
+                    reject(f, "too_long_for_kv")
                     continue
                 if not busy[rep]:
                     start_step(rep, now)
@@ -492,12 +618,8 @@ class Simulation:
             elif kind == RETRY:
                 router = routers[payload]
                 router.retry_at = math.inf
-                still: list[_Flight] = []
-                for f in router.held:
-                    if still or not decide(router, f, now):
-                        still.append(f)
-                router.held = still
-                if still:
+                router.held.drain(now, partial(decide, router, now=now))
+                if router.held:
                     router.retry_at = now + recheck
                     look_at(router.retry_at)
                     loop.schedule(router.retry_at, RETRY, RETRY, router.index)
@@ -520,10 +642,26 @@ class Simulation:
             "held": float(counters["held"]),
             "mean_staleness_s": staleness_sum / staleness_n if staleness_n else 0.0,
         }
+        if counters["demoted"]:
+            extra["demoted"] = float(counters["demoted"])
+        cost: dict[str, float] = {}
+        if prices is not None:
+            hours = span / 3600.0  # provisioned from the first arrival to the last finish
+            usd_h = [topo.gpu_price(s.gpu) for s in self.specs]
+            cost = {
+                "gpu_hours_provisioned": n_rep * hours,
+                "gpu_usd_provisioned": sum(usd_h) * hours,
+                "gpu_hours_busy": sum(busy_s) / 3600.0,
+                "gpu_usd_busy": sum(p * b for p, b in zip(usd_h, busy_s, strict=True)) / 3600.0,
+                "egress_gb": egress["bytes"] / 1e9,
+                "egress_usd": egress["usd"],
+                "bytes_per_token": bytes_per_token,
+            }
         return SimResult.from_log(
             log, policy=self.policy.name, regions=regions, requests=counters["arrived"], events=loop.processed,
             wall_s=time.perf_counter() - wall0, sim_span_s=span,
             preemptions=sum(r.preemptions for r in replicas), rejected=counters["rejected"], counters=extra,
+            slo_classes=tuple(class_index), rejections=rejections, cost=cost,
         )
 
 
@@ -533,4 +671,6 @@ def _aged(v: InstanceView, age: float) -> InstanceView:
         id=v.id, region=v.region, gpu=v.gpu, running=v.running, waiting=v.waiting,
         running_tokens=v.running_tokens, queued_prefill_tokens=v.queued_prefill_tokens, kv_usage=v.kv_usage,
         healthy=v.healthy, full=v.full, age=age, in_flight=v.in_flight, prefill_s_per_token=v.prefill_s_per_token,
+        model=v.model, max_num_seqs=v.max_num_seqs, decode_step_s=v.decode_step_s,
+        deferred_waiting=v.deferred_waiting, deferred_prefill_tokens=v.deferred_prefill_tokens,
     )
