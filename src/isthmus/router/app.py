@@ -63,6 +63,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from isthmus.core.policy import Decision, Outcome, Policy, PolicyRegistry, uses_prefix
 from isthmus.core.request import Request as RoutedRequest
+from isthmus.core.slo import UnknownSLOClassError, deadline_s, resolve_slo_class
 from isthmus.core.tokenizer import ByteChunkTokenizer, Tokenizer
 from isthmus.router.config import RouterConfig
 from isthmus.router.errors import (
@@ -188,6 +189,7 @@ class RequestContext:
     region: str = ""
     forwarded: bool = False
     error: str = ""
+    output_tokens: int | None = None  # counted from the answer (stream events, or usage), when known
 
 
 class _Learner:
@@ -359,7 +361,15 @@ class Router:
         self.state = ClusterState(config, keep_prefix=self.keep_prefix, clock=clock)
         self.recheck_s = config.resolved_recheck_s(self.policy)
         self.sync_period_s = config.resolved_sync_period_s(self.policy)
-        self.hold: HoldQueue[Routed] = HoldQueue(self.recheck_s, lambda r: r.release())
+        self.hold: HoldQueue[Routed] = HoldQueue(self.recheck_s, lambda r: r.release(),
+                                                 order=config.resolved_queue(self.policy),
+                                                 max_hold_s=config.limits.max_hold_s, clock=clock)
+        self.state.decode_step = bool(getattr(self.policy, "uses_decode_step", False))
+        self.slo = config.slo.catalog() if config.slo is not None else None
+        self._slo_header = self.slo.header.encode() if self.slo is not None else None
+        self._read_names = _READ | {self._slo_header} if self._slo_header is not None else _READ
+        self._priority_replicas = frozenset(
+            rid for rid, rc in zip(config.replica_ids, config.replicas, strict=True) if rc.priority)
         self.metrics = RouterMetrics(self.state, held=lambda: len(self.hold), clock=clock)
         if self.learner is not None:
             self.metrics.registry.register(self.learner)
@@ -467,13 +477,13 @@ class Router:
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    @staticmethod
-    def _scan_headers(raw: list[tuple[bytes, bytes]]) -> tuple[dict[bytes, bytes], list[tuple[bytes, bytes]]]:
+    def _scan_headers(self, raw: list[tuple[bytes, bytes]]) -> tuple[dict[bytes, bytes], list[tuple[bytes, bytes]]]:
         """The request fields the router reads (first occurrence) and the ones that may go upstream."""
         read: dict[bytes, bytes] = {}
         rest: list[tuple[bytes, bytes]] = []
+        names = self._read_names
         for name, value in raw:
-            if name in _READ:
+            if name in names:
                 read.setdefault(name, value)
             elif name not in _NOT_UPSTREAM and not name.startswith(b"x-isthmus-"):
                 rest.append((name, value))
@@ -531,12 +541,25 @@ class Router:
     def _prepare(self, path: str, read: dict[bytes, bytes], raw: bytes, request_id: str, arrival: float,
                  upstream_head: bytes) -> RequestContext:
         chat = path.endswith("/chat/completions")
+        catalog = self.slo
         try:
-            info = parse_request(raw, chat, self.config.block_size, self.tokenizer, hashes=self.keep_prefix)
+            info = parse_request(raw, chat, self.config.block_size, self.tokenizer, hashes=self.keep_prefix,
+                                 slo_field=catalog.body_field if catalog is not None else None)
         except BadRequest as exc:
             raise RouterHTTPError(400, str(exc)) from None
         if info.model not in self._model_set:
             raise model_not_found(info.model, self.models)
+        slo = None
+        if catalog is not None:
+            assert self._slo_header is not None
+            auth = read.get(b"authorization", b"")
+            try:
+                slo = resolve_slo_class(
+                    catalog, header=read[self._slo_header].decode("latin-1") if self._slo_header in read else None,
+                    body=info.slo_class, model=info.model,
+                    api_key=auth[7:].decode("latin-1").strip() if auth[:7].lower() == b"bearer " else None)
+            except UnknownSLOClassError as exc:
+                raise RouterHTTPError(400, str(exc), "invalid_request_error", "unknown_slo_class") from None
         try:
             hops = max(0, int(read.get(b"x-isthmus-hops", b"0")))
         except ValueError:
@@ -549,7 +572,8 @@ class Router:
             origin = claimed
         routed = RoutedRequest(
             id=request_id, arrival=arrival, origin=origin, prompt_tokens=info.prompt_tokens,
-            block_hashes=info.block_hashes, max_output_tokens=info.max_output_tokens, session=info.user,
+            block_hashes=info.block_hashes, max_output_tokens=info.max_output_tokens, session=info.user, slo=slo,
+            model=info.model,
         )
         return RequestContext(request_id=request_id, path=path, raw=raw, info=info, routed_request=routed,
                               hops=hops, arrival=arrival, upstream_head=upstream_head)
@@ -572,6 +596,9 @@ class Router:
         snap = self.state.snapshot(now, hops=min(ctx.hops, 1), exclude=exclude)
         d = self.policy.choose(ctx.routed_request, snap)
         if d.target is None:
+            if d.reject is not None:
+                self.metrics.rejections.labels(d.reject).inc()
+                raise RouterHTTPError(429, d.reason or f"rejected: {d.reject}", "rate_limit_error", d.reject)
             return None
         st = self.state
         if d.forward:
@@ -590,7 +617,7 @@ class Router:
         if hashes and self.keep_prefix:
             cached = min(st.matched_blocks(hashes, replica.id) * st.block_size, ctx.info.prompt_tokens)
             st.record_sent(replica.id, hashes)
-        dispatch = replica.dispatch(ctx.info.prompt_tokens)
+        dispatch = replica.dispatch(ctx.info.prompt_tokens, deferred=bool(d.priority and d.priority > 0))
         self.metrics.decisions.labels(replica.id, replica.region, "false").inc()
         return Routed(d, now, replica=replica, dispatch=dispatch, cached_tokens=cached)
 
@@ -613,7 +640,9 @@ class Router:
         if not self.state.any_healthy(now, local_only):  # full replicas free up: only then is waiting worth it
             raise unavailable("no replica is available; retry later", retry_after)
         wait_s = ctx.arrival + self.config.limits.queue_wait_s - now
-        routed = await self.hold.wait(lambda: self.try_route(ctx, exclude), wait_s)
+        req = ctx.routed_request
+        routed = await self.hold.wait(lambda: self.try_route(ctx, exclude), wait_s, deadline_s=deadline_s(req),
+                                      priority=req.slo.priority if req.slo is not None else 0, group=req.model)
         if routed is None:
             raise unavailable(f"no replica became available within {self.config.limits.queue_wait_s:g} s", retry_after)
         return routed
@@ -645,7 +674,8 @@ class Router:
         now = self.clock()
         target = ctx.target or routed.target
         outcome = Outcome(request=ctx.routed_request, target=target, decided_at=routed.decided_at,
-                          ttft_s=ctx.ttft_s, e2e_s=now - ctx.arrival, cached_tokens=routed.cached_tokens, ok=ok)
+                          ttft_s=ctx.ttft_s, e2e_s=now - ctx.arrival, cached_tokens=routed.cached_tokens, ok=ok,
+                          output_tokens=ctx.output_tokens)
         try:
             self.policy.observe(outcome)
         except Exception:  # a policy bug must not break the request path
@@ -687,7 +717,7 @@ class ProxyResponse:
     which closes the upstream connection.
     """
 
-    __slots__ = ("_finished", "_gone", "_pipe", "_started", "_tail", "ctx", "router")
+    __slots__ = ("_events", "_finished", "_gone", "_pipe", "_started", "_tail", "ctx", "router")
 
     def __init__(self, router: Router, ctx: RequestContext) -> None:
         self.router = router
@@ -697,6 +727,7 @@ class ProxyResponse:
         self._gone = False
         self._pipe: BodyPipe | None = None
         self._tail = b""
+        self._events = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         router = self.router
@@ -835,6 +866,9 @@ class ProxyResponse:
         ]
         if ctx.forwarded:
             out.append((b"x-isthmus-forwarded-to", _header_value(routed.peer.region if routed.peer else "")))
+        slo = ctx.routed_request.slo
+        if slo is not None:
+            out.append((b"x-isthmus-slo-class", _header_value(slo.name)))
         return out
 
     async def _attempt(self, routed: Routed, send: Send) -> None:
@@ -848,6 +882,7 @@ class ProxyResponse:
         pool = router.pool
         assert pool is not None
         head = ctx.upstream_head
+        body = ctx.raw
         if routed.peer is not None:
             base, auth = routed.peer.url, routed.peer.auth
             head += b"%s: %d\r\n%s: %s\r\n" % (HOPS_HEADER.encode(), ctx.hops + 1, ORIGIN_HEADER.encode(),
@@ -856,11 +891,14 @@ class ProxyResponse:
         else:
             assert routed.replica is not None
             base, auth = routed.replica.url, routed.replica.auth
+            prio = routed.decision.priority
+            if prio and routed.replica.id in router._priority_replicas:
+                body = orjson.dumps({**orjson.loads(ctx.raw), "priority": prio})
         if auth:
             head += b"authorization: %s\r\n" % auth.encode("latin-1")
         t = router.config.timeouts
         try:
-            resp = await pool.request(origin_of(base), ctx.path.encode(), head, ctx.raw, connect_s=t.connect_s,
+            resp = await pool.request(origin_of(base), ctx.path.encode(), head, body, connect_s=t.connect_s,
                                       idle_s=t.idle_s if ctx.info.stream else t.total_s, total_s=t.total_s)
         except UpstreamConnectTimeout:
             raise _Failure("connect_timeout", 504, f"connect to {routed.target} timed out") from None
@@ -898,6 +936,8 @@ class ProxyResponse:
         if not streaming:
             body = await self._read_all(routed, resp)
             self._first_byte(routed)
+            if status < 300:
+                ctx.output_tokens = _usage_tokens(body)
             headers = self._response_headers(routed, resp)
             headers.append((b"content-length", str(len(body)).encode()))
             await self._send_start(send, status, headers)
@@ -915,6 +955,7 @@ class ProxyResponse:
         await self._send_start(send, status, self._response_headers(routed, resp))
         tail = first
         failure = ""
+        self._events = first.count(b"data:")
         # a chunk after which the upstream body is complete goes out with the end of the body, in one write
         done = False
         if first:
@@ -943,6 +984,7 @@ class ProxyResponse:
                 if not chunk:
                     break
                 tail = chunk
+                self._events += chunk.count(b"data:")
                 done = resp.at_eof()
                 await send({"type": "http.response.body", "body": chunk, "more_body": not done})
         if failure:
@@ -958,10 +1000,13 @@ class ProxyResponse:
         if not done:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         self._finished = True
+        # output tokens as the stream's data events (vLLM sends one per token), less the [DONE] one
+        ctx.output_tokens = max(0, self._events - (b"[DONE]" in tail))
         self._done(routed, ok=True, backend_ok=True)
 
     def _piped(self, chunk: bytes, pipe: BodyPipe, resp: UpstreamResponse) -> None:
         pipe.write_body(chunk)
+        self._events += chunk.count(b"data:")
         self._tail = chunk
         if pipe.paused:  # the client reads slower than the upstream writes: stop reading upstream
             resp.pause_reading()
@@ -983,6 +1028,15 @@ class ProxyResponse:
             # learn where the peer served it, as the simulator's regional routers do
             router.state.record_sent(self.ctx.target, self.ctx.routed_request.block_hashes)
         router.observe(self.ctx, routed, ok=ok)
+
+
+def _usage_tokens(body: bytes) -> int | None:
+    """``usage.completion_tokens`` of an OpenAI JSON answer, if it says."""
+    try:
+        n = orjson.loads(body).get("usage", {}).get("completion_tokens")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
 
 
 async def _never(request: Request) -> Response:  # pragma: no cover - _ProxyFront serves these first

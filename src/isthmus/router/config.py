@@ -16,17 +16,20 @@ Annotated example (every default shown)::
       intra_region_rtt_ms: 2.0
       measure: true                # probe RTTs (timed GET /health) and prefer them to the file
       ewma_alpha: 0.3
+      gpu_usd_per_hour: {}         # optional prices for cost-aware policies (slo): {H100: 3.0}
+      egress_usd_per_gb: {}        # {us-west: {germany: 0.02}}, mirrored unless given both ways
+      bytes_per_token: 4.0         # what one token weighs on the wire when pricing egress
     replicas:
       - {url: "http://10.0.0.5:8000", region: us-west, engine: vllm, gpu: A100, model: Mistral-7B}
       - {url: "http://10.1.0.7:8000", region: germany, gpu: H100, model: Mistral-7B, id: de-big,
-         num_kv_blocks: 20000, max_in_flight: 64,
+         num_kv_blocks: 20000, max_in_flight: 64, max_num_seqs: 256, priority: false,
          kv_events: {endpoint: "tcp://10.1.0.7:5557", encoding: auto, topic: ""}}  # optional
     peers: []                      # regional mode: [{region: germany, url: "http://router.de:8000"}]
     policy: {name: gorgo_proxy, params: {}, seed: 0, state_file: null}   # state_file: a learned policy's model
     models: [mistral]              # served model names; any other -> 404
     timeouts: {connect_s: 5.0, idle_s: 60.0, total_s: 600.0}
     limits: {max_body_bytes: 4194304, max_concurrent: 1024, queue_wait_s: 30.0, retry_after_s: 1,
-             max_response_bytes: 67108864}
+             max_response_bytes: 67108864, queue: null, max_hold_s: 30.0}   # queue: fifo | edf
     retries: {budget: 0.2, max_attempts: 3, backoff_base_s: 0.025, backoff_max_s: 0.5, max_balance: 20.0}
     health: {probe_period_s: 0.1, probe_timeout_s: 1.0, unhealthy_after: 3, healthy_after: 2,
              eject_after: 5, eject_cooldown_s: 30.0}
@@ -40,6 +43,13 @@ Annotated example (every default shown)::
     api_keys: []                   # optional; clients send "Authorization: Bearer KEY"
     api_keys_env: null             # or the name of an environment variable holding comma-separated keys
     log_level: info
+    slo:                           # optional SLO classes (targets in ms), as in a scenario's slo block
+      classes: [{name: interactive, ttft_ms: 1000, tpot_ms: 80}, {name: batch, e2e_ms: 20000, priority: 1}]
+      default: null                # class of a request nothing else assigns
+      by_model: {}                 # served model name -> class
+      by_api_key: {}               # client API key -> class
+      header: x-slo-class          # a client names its class in this header, or
+      body_field: slo_class        # in this body field (header > body > API key > model > default)
 
 Replica ids default to ``<region>-<k>``, numbered per region in file order (as the simulator's
 scenarios name them). GPU and model names are checked against the built-in profiles: they give
@@ -61,7 +71,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -80,6 +92,9 @@ from isthmus.configfile import FieldError, format_validation_error, gpu_name, mo
 from isthmus.core.errors import ConfigError, IsthmusError, UnknownProfileError
 from isthmus.core.perf import builtin_perf_model
 from isthmus.core.policy import Policy, PolicyRegistry
+from isthmus.core.slo import QueueOrder, SLOCatalog
+from isthmus.core.topology import DEFAULT_BYTES_PER_TOKEN
+from isthmus.workloads.slo import SLOClassConfig
 
 DEFAULT_RECHECK_S = 0.02
 DEFAULT_SYNC_PERIOD_S = 1.0
@@ -127,6 +142,37 @@ class RegionsConfig(_Frozen):
     intra_region_rtt_ms: float = Field(default=2.0, ge=0.0, allow_inf_nan=False)
     measure: bool = True
     ewma_alpha: float = Field(default=0.3, gt=0.0, le=1.0)
+    gpu_usd_per_hour: dict[str, float] = Field(default_factory=dict)
+    egress_usd_per_gb: dict[str, dict[str, float]] = Field(default_factory=dict)
+    bytes_per_token: float = Field(default=DEFAULT_BYTES_PER_TOKEN, ge=0.0, allow_inf_nan=False)
+
+    @field_validator("gpu_usd_per_hour")
+    @classmethod
+    def _gpu_prices(cls, prices: dict[str, float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, v in prices.items():
+            if not math.isfinite(v) or v < 0:
+                raise FieldError((name,), f"must be a finite number >= 0, got {v}")
+            out[gpu_name(name)] = v
+        return out
+
+    @field_validator("egress_usd_per_gb")
+    @classmethod
+    def _egress_prices(cls, pairs: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        for a, row in pairs.items():
+            for b, v in row.items():
+                if not math.isfinite(v) or v < 0:
+                    raise FieldError((a, b), f"must be a finite number >= 0, got {v}")
+        return pairs
+
+    def prices(self) -> RouterPrices:
+        """The GPU and egress prices as a :class:`~isthmus.core.topology.PriceBook`."""
+        egress: dict[tuple[str, str], float] = {}
+        for a, row in self.egress_usd_per_gb.items():
+            for b, v in row.items():
+                egress[(a, b)] = v
+                egress.setdefault((b, a), v)  # mirrored unless given both ways
+        return RouterPrices(dict(self.gpu_usd_per_hour), egress, self.bytes_per_token)
 
     @field_validator("rtt_ms")
     @classmethod
@@ -147,6 +193,66 @@ class RegionsConfig(_Frozen):
             for b, v in row.items():
                 out[(a, b)] = out[(b, a)] = v / 1000.0
         return out
+
+
+@dataclass(frozen=True)
+class RouterPrices:
+    """GPU prices (US dollars per GPU hour, by canonical GPU name) and egress prices (US dollars per
+    GB, by ordered region pair) as the ``slo`` policy reads them; unknown ones cost 0."""
+
+    gpu_usd_per_hour: dict[str, float]
+    egress_usd_per_gb: dict[tuple[str, str], float]
+    bytes_per_token: float
+
+    def gpu_price(self, gpu: str) -> float:
+        return self.gpu_usd_per_hour.get(gpu, 0.0)
+
+    def egress_price(self, a: str, b: str) -> float:
+        return 0.0 if a == b else self.egress_usd_per_gb.get((a, b), 0.0)
+
+
+class SLOClassesConfig(_Frozen):
+    """SLO classes and how a request gets one (see :mod:`isthmus.core.slo`).
+
+    Attributes:
+        classes: the classes: ``name``, targets ``ttft_ms`` / ``tpot_ms`` / ``e2e_ms`` (at least
+            one) and ``priority`` (lower runs first), as in a scenario's ``slo`` block.
+        default: the class of a request nothing else assigns (``None``: no SLO).
+        by_model, by_api_key: served model name / client API key -> class.
+        header, body_field: where a client names its class explicitly (header first).
+    """
+
+    classes: tuple[SLOClassConfig, ...] = Field(min_length=1)
+    default: str | None = None
+    by_model: dict[str, str] = Field(default_factory=dict)
+    by_api_key: dict[str, str] = Field(default_factory=dict, repr=False)
+    header: str = Field(default="x-slo-class", min_length=1)
+    body_field: str = Field(default="slo_class", min_length=1)
+
+    @field_validator("header")
+    @classmethod
+    def _header_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+            raise ValueError(f"not an HTTP header name: {name!r}")
+        return name.lower()
+
+    @model_validator(mode="after")
+    def _known_classes(self) -> SLOClassesConfig:
+        names = [c.name for c in self.classes]
+        for k, name in enumerate(names):
+            if name in names[:k]:
+                raise FieldError(("classes", k, "name"), f"duplicate SLO class {name!r}")
+        refs: list[tuple[tuple[str | int, ...], str]] = [(("default",), self.default)] if self.default else []
+        refs += [(("by_model", m), c) for m, c in self.by_model.items()]
+        refs += [(("by_api_key",), c) for c in self.by_api_key.values()]  # keys are secrets: not in messages
+        for loc, name in refs:
+            if name not in names:
+                raise FieldError(loc, f"unknown SLO class {name!r}; classes: {sorted(names)}")
+        return self
+
+    def catalog(self) -> SLOCatalog:
+        return SLOCatalog(tuple(c.slo() for c in self.classes), self.default, dict(self.by_model),
+                          dict(self.by_api_key), self.header, self.body_field)
 
 
 class KvEventsConfig(_Frozen):
@@ -186,6 +292,11 @@ class ReplicaConfig(_Frozen):
         max_in_flight: at most this many requests in flight from this router (the view is ``full``).
         api_key: sent upstream as ``Authorization: Bearer`` (client credentials never are).
         kv_events: subscribe to its KV-cache events (``None``: the mirror is the router's own record).
+        max_num_seqs: its engine's cap on running sequences (vLLM's ``--max-num-seqs``), for
+            policies that estimate queueing (``slo``); ``None``: unknown.
+        priority: the engine schedules by priority (vLLM ``--scheduling-policy priority``): a
+            decision's non-zero priority is sent as the body's ``priority`` field. Off by default,
+            since vLLM refuses a non-zero priority under its default FCFS policy.
     """
 
     url: str
@@ -198,6 +309,8 @@ class ReplicaConfig(_Frozen):
     max_in_flight: int | None = Field(default=None, ge=1)
     api_key: SecretStr | None = None
     kv_events: KvEventsConfig | None = None
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    priority: bool = False
 
     @field_validator("url")
     @classmethod
@@ -267,6 +380,10 @@ class LimitsConfig(_Frozen):
         queue_wait_s: longest a request may be held waiting for a replica; then 503.
         retry_after_s: the ``Retry-After`` of 503 and 429 answers, seconds.
         max_response_bytes: largest non-streamed upstream body the router buffers; beyond it 502.
+        queue: order of held requests: ``fifo`` (arrival) or ``edf`` (earliest SLO deadline first
+            within priorities, by groups of model and class); ``None``: the policy's
+            ``queue_order`` (``slo``: ``edf``), else ``fifo``.
+        max_hold_s: ``edf``: a request held this long goes to the front (starvation protection).
     """
 
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
@@ -274,6 +391,8 @@ class LimitsConfig(_Frozen):
     queue_wait_s: float = Field(default=30.0, ge=0.0, allow_inf_nan=False)
     retry_after_s: int = Field(default=1, ge=0)
     max_response_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    queue: Literal["fifo", "edf"] | None = None
+    max_hold_s: float = Field(default=30.0, gt=0.0)
 
 
 class RetriesConfig(_Frozen):
@@ -341,6 +460,7 @@ class RouterConfig(_Frozen):
     api_keys: tuple[SecretStr, ...] = ()
     api_keys_env: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    slo: SLOClassesConfig | None = None
 
     @field_validator("policy", mode="before")
     @classmethod
@@ -371,6 +491,10 @@ class RouterConfig(_Frozen):
                 seen.add(p.region)
         if len(set(self.models)) != len(self.models):
             raise FieldError(("models",), "duplicate model names")
+        if self.slo is not None:
+            for name in self.slo.by_model:
+                if name not in self.models:
+                    raise FieldError(("slo", "by_model", name), f"{name!r} is not one of models {list(self.models)}")
         for k, r in enumerate(self.replicas):
             try:
                 builtin_perf_model(r.gpu, r.model).num_kv_blocks(self.block_size)
@@ -404,6 +528,13 @@ class RouterConfig(_Frozen):
     def resolved_recheck_s(self, policy: object) -> float:
         """Re-decision period of held requests: the file's, else the policy's ``recheck_s``, else 20 ms."""
         return self.recheck_s if self.recheck_s is not None else _policy_period(policy, "recheck_s", DEFAULT_RECHECK_S)
+
+    def resolved_queue(self, policy: object) -> QueueOrder:
+        """Order of held requests: the file's, else the policy's ``queue_order``, else ``fifo``."""
+        if self.limits.queue is not None:
+            return self.limits.queue
+        order = getattr(policy, "queue_order", None)
+        return "edf" if order == "edf" else "fifo"
 
     def resolved_sync_period_s(self, policy: object) -> float:
         """Peer polling period: the file's, else the policy's ``sync_period_s``, else 1 s."""

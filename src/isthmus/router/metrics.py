@@ -64,7 +64,7 @@ class RouterMetrics:
     """Every metric the router exports (``GET /metrics``).
 
     Names: ``isthmus_router_requests_total{status}``, ``..._decisions_total{target,region,forward}``,
-    ``..._forwards_total{peer}``, ``..._ttft_seconds`` (histogram, at the router: arrival to first
+    ``..._forwards_total{peer}``, ``..._rejections_total{reason}``, ``..._ttft_seconds`` (histogram, at the router: arrival to first
     byte relayed), ``..._upstream_errors_total{target,kind}``, ``..._retries_total``,
     ``..._retry_budget_exhausted_total``, ``..._ejections_total{replica}``, plus the state gauges
     of :class:`_StateCollector`.
@@ -85,6 +85,9 @@ class RouterMetrics:
                               buckets=_TTFT_BUCKETS, registry=r)
         self.upstream_errors = Counter("isthmus_router_upstream_errors", "Failed upstream attempts, by kind",
                                        ["target", "kind"], registry=r)
+        self.rejections = Counter("isthmus_router_rejections",
+                                  "Requests the policy refused (429), by reason code (e.g. slo_unattainable)",
+                                  ["reason"], registry=r)
         self.retries = Counter("isthmus_router_retries", "Upstream retries (before the first byte)", registry=r)
         self.budget_exhausted = Counter("isthmus_router_retry_budget_exhausted",
                                         "Retries refused by the retry budget", registry=r)

@@ -41,6 +41,7 @@ class PromptInfo:
         block_hashes: chained hashes of the prompt's full blocks (empty when not asked for).
         max_output_tokens: ``max_completion_tokens`` / ``max_tokens``, else a default of 256.
         user: the ``user`` field, used as a session key by affinity policies.
+        slo_class: the SLO class the body names in the field the router was told to read, if any.
     """
 
     model: str
@@ -49,6 +50,7 @@ class PromptInfo:
     block_hashes: tuple[int, ...]
     max_output_tokens: int
     user: str | None
+    slo_class: str | None = None
 
 
 def _is_token_list(x: Any) -> bool:
@@ -92,7 +94,7 @@ def _prompt_tokens(body: dict[str, Any], chat: bool, tokenizer: Tokenizer,
 
 
 def parse_request(raw: bytes, chat: bool, block_size: int, tokenizer: Tokenizer | None = None,
-                  hashes: bool = True) -> PromptInfo:
+                  hashes: bool = True, slo_field: str | None = None) -> PromptInfo:
     """Read the routing facts of a ``/v1/completions`` (``chat=False``) or ``/v1/chat/completions`` body.
 
     Args:
@@ -101,6 +103,7 @@ def parse_request(raw: bytes, chat: bool, block_size: int, tokenizer: Tokenizer 
         block_size: tokens per KV block for the hashes.
         tokenizer: default :class:`~isthmus.core.tokenizer.ByteChunkTokenizer`.
         hashes: compute block hashes (skip for policies that never look at prefixes).
+        slo_field: a body field naming the request's SLO class (a string), if the router reads one.
 
     Raises:
         BadRequest: malformed JSON, not an object, a missing or invalid field.
@@ -123,6 +126,9 @@ def parse_request(raw: bytes, chat: bool, block_size: int, tokenizer: Tokenizer 
     if isinstance(max_out, bool) or not isinstance(max_out, int) or max_out < 1:
         raise BadRequest("'max_tokens' must be a positive integer")
     user = body.get("user")
+    slo_class = body.get(slo_field) if slo_field is not None else None
+    if slo_class is not None and not isinstance(slo_class, str):
+        raise BadRequest(f"'{slo_field}' must be a string naming an SLO class")
     ids, n = _prompt_tokens(body, chat, tokenizer if tokenizer is not None else ByteChunkTokenizer(), hashes)
     return PromptInfo(
         model=model,
@@ -131,4 +137,5 @@ def parse_request(raw: bytes, chat: bool, block_size: int, tokenizer: Tokenizer 
         block_hashes=hash_token_blocks(ids, block_size) if hashes else (),
         max_output_tokens=max_out,
         user=user if isinstance(user, str) else None,
+        slo_class=slo_class,
     )

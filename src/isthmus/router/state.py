@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -46,7 +47,8 @@ from typing import Any
 import orjson
 
 from isthmus.core.hashing import ROOT_HASH, hash_token_blocks
-from isthmus.core.perf import builtin_perf_model
+from isthmus.core.perf import PerfModel, builtin_perf_model
+from isthmus.core.slo import decode_step_estimate
 from isthmus.core.snapshot import ClusterSnapshot, InstanceView, NoPrefixInfo, PrefixIndex, PrefixIndexView
 from isthmus.kv_events import ClearedBlocks, KvChange, RemovedBlocks, StoredBlocks
 from isthmus.router.config import RouterConfig
@@ -70,7 +72,7 @@ class ReplicaState:
                  prefill_s_per_token: float = math.nan, capacity_blocks: int = 1, capacity_fixed: bool = False,
                  max_in_flight: int | None = None, auth: str | None = None, local: bool = True,
                  health: HealthTracker | None = None, ejector: Ejector | None = None, rtt_alpha: float = 0.3,
-                 started_at: float = 0.0) -> None:
+                 started_at: float = 0.0, max_num_seqs: int = 0, perf: PerfModel | None = None) -> None:
         self.id = id
         self.region = region
         self.url = url
@@ -81,6 +83,8 @@ class ReplicaState:
         self.capacity_blocks = capacity_blocks
         self.capacity_fixed = capacity_fixed
         self.max_in_flight = max_in_flight
+        self.max_num_seqs = max_num_seqs
+        self.perf = perf  # its GPU x model profile: decode-step estimates for policies that ask
         self.auth = auth  # upstream Authorization header value; never logged
         self.local = local
         self.health = health if health is not None else HealthTracker()
@@ -100,6 +104,8 @@ class ReplicaState:
         self.in_flight = 0
         self.pending = 0
         self.pending_tokens = 0
+        self.deferred = 0  # of pending: sent at a priority > 0 (behind normal requests in the engine)
+        self.deferred_tokens = 0
         self.streaming = 0
         self.streaming_tokens = 0
         # peer replicas: the view their router reported
@@ -107,18 +113,25 @@ class ReplicaState:
         self.reported_at = -math.inf
 
     # ------------------------------------------------------------------ own requests
-    def dispatch(self, prompt_tokens: int) -> Dispatch:
-        """Count one request sent to this replica now; the returned ticket ends the count."""
+    def dispatch(self, prompt_tokens: int, deferred: bool = False) -> Dispatch:
+        """Count one request sent to this replica now (``deferred``: at a priority > 0); the returned
+        ticket ends the count."""
         self.in_flight += 1
         self.pending += 1
         self.pending_tokens += prompt_tokens
+        if deferred:
+            self.deferred += 1
+            self.deferred_tokens += prompt_tokens
         e = self._epoch
         self._fresh[e] = self._fresh.get(e, 0) + 1
-        return Dispatch(self, prompt_tokens, e)
+        return Dispatch(self, prompt_tokens, e, deferred)
 
     def _unpend(self, d: Dispatch) -> None:
         self.pending -= 1
         self.pending_tokens -= d.tokens
+        if d.deferred:
+            self.deferred -= 1
+            self.deferred_tokens -= d.tokens
         n = self._fresh.get(d.epoch)
         if n is not None:
             if n <= 1:
@@ -171,8 +184,9 @@ class ReplicaState:
             return self.reported is not None and self.reported.healthy
         return True
 
-    def view(self, now: float, stale_after_s: float) -> InstanceView:
-        """This replica as a policy sees it at ``now`` (module docstring)."""
+    def view(self, now: float, stale_after_s: float, decode_step: bool = False) -> InstanceView:
+        """This replica as a policy sees it at ``now`` (module docstring); ``decode_step``: fill
+        ``decode_step_s`` from the profile (for policies that ask)."""
         if not self.local:
             return self._peer_view(now)
         load = self.load
@@ -185,11 +199,16 @@ class ReplicaState:
             waiting = self.pending
         kv = load.kv_usage if load is not None and load.kv_usage is not None else 0.0
         age = now - self.scraped_at if self.scraped_at > -math.inf else now - self.started_at
+        step = math.nan
+        if decode_step and self.perf is not None:
+            step = decode_step_estimate(self.perf, running, self.streaming_tokens)
         return InstanceView(
             id=self.id, region=self.region, gpu=self.gpu, running=running, waiting=waiting,
             running_tokens=self.streaming_tokens, queued_prefill_tokens=self.pending_tokens, kv_usage=kv,
             healthy=self.healthy(now), full=self.full, age=max(0.0, age), in_flight=self.in_flight,
-            prefill_s_per_token=self.prefill_s_per_token,
+            prefill_s_per_token=self.prefill_s_per_token,  # model None: serves every model the router lists
+            max_num_seqs=self.max_num_seqs, decode_step_s=step, deferred_waiting=self.deferred,
+            deferred_prefill_tokens=self.deferred_tokens,
         )
 
     def _peer_view(self, now: float) -> InstanceView:
@@ -208,12 +227,13 @@ class ReplicaState:
 class Dispatch:
     """One request on one replica, from send to end: moves the replica's counters exactly once each."""
 
-    __slots__ = ("epoch", "replica", "stage", "tokens")
+    __slots__ = ("deferred", "epoch", "replica", "stage", "tokens")
 
-    def __init__(self, replica: ReplicaState, tokens: int, epoch: int) -> None:
+    def __init__(self, replica: ReplicaState, tokens: int, epoch: int, deferred: bool = False) -> None:
         self.replica = replica
         self.tokens = tokens
         self.epoch = epoch
+        self.deferred = deferred
         self.stage = 0  # 0 sent, 1 first byte seen, 2 finished
 
     def first_byte(self) -> None:
@@ -282,6 +302,8 @@ class ClusterState:
         self.clock = clock
         self.block_size = config.block_size
         self.keep_prefix = keep_prefix
+        self.decode_step = False  # fill views' decode_step_s (the router sets it for policies that ask)
+        self.prices = config.regions.prices()
         self.stale_after_s = max(1.0, 10.0 * config.scrape_period_s)
         h = config.health
         alpha = config.regions.ewma_alpha
@@ -299,6 +321,7 @@ class ClusterState:
                 auth=f"Bearer {rc.api_key.get_secret_value()}" if rc.api_key is not None else None,
                 health=HealthTracker(h.unhealthy_after, h.healthy_after),
                 ejector=Ejector(h.eject_after, h.eject_cooldown_s), rtt_alpha=alpha, started_at=now,
+                max_num_seqs=rc.max_num_seqs or 0, perf=perf,
             )
         self.local_ids = tuple(self.replicas)
         self.peers: dict[str, PeerState] = {
@@ -434,21 +457,18 @@ class ClusterState:
         """Every replica's view at ``now``; those in ``exclude`` are shown unhealthy (failed this request)."""
         out: dict[str, InstanceView] = {}
         stale = self.stale_after_s
+        step = self.decode_step
         for rid, r in self.replicas.items():
-            v = r.view(now, stale)
+            v = r.view(now, stale, step)
             if rid in exclude and v.healthy:
-                v = InstanceView(
-                    id=v.id, region=v.region, gpu=v.gpu, running=v.running, waiting=v.waiting,
-                    running_tokens=v.running_tokens, queued_prefill_tokens=v.queued_prefill_tokens,
-                    kv_usage=v.kv_usage, healthy=False, full=v.full, age=v.age, in_flight=v.in_flight,
-                    prefill_s_per_token=v.prefill_s_per_token)
+                v = dataclasses.replace(v, healthy=False)
             out[rid] = v
         return out
 
     def snapshot(self, now: float, hops: int = 0, exclude: frozenset[str] = frozenset()) -> ClusterSnapshot:
         """The policy's input at ``now`` for a request that was forwarded ``hops`` times."""
         return ClusterSnapshot(now=now, here=self.here, instances=self.views(now, exclude), rtt_s=self.rtt_s,
-                               prefix=self._prefix, block_size=self.block_size, hops=hops)
+                               prefix=self._prefix, block_size=self.block_size, hops=hops, prices=self.prices)
 
     def any_available(self, now: float, local_only: bool) -> bool:
         """Whether some replica (only this region's when ``local_only``) may take a request now."""
