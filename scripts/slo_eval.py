@@ -12,7 +12,7 @@ estimator's error, the relative attainment gain over the FIFO baselines), writes
 ``--json`` (default ``out/slo_eval.json``) and, with matplotlib, the figures to ``--plot-dir``
 (``slo_attainment.png``, ``slo_alpha.png``).
 
-    python scripts/slo_eval.py                       # the figures of docs/results_slo_draft.md
+    python scripts/slo_eval.py                       # the figures of docs/results.md, "SLOs and cost across regions"
     python scripts/slo_eval.py --rates 20,30 --seeds 0 --alphas 0,10000   # a quick look
     python scripts/slo_eval.py --from-json out/slo_eval.json   # the tables again, no simulation
 """
