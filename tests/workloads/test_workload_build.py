@@ -46,6 +46,8 @@ def rate(requests: list[Request]) -> float:
         {"kind": "poisson", "rate_rps": 5.0, "limit": 1000, "lengths": {"dist": "lognormal"}},
         {"kind": "sessions", "rate_rps": 5.0, "duration_s": 300.0, "origins": {"per_session": True}},
         {"kind": "shared_prefix", "rate_rps": 5.0, "limit": 1000, "arrival": "gamma", "cv": 2.0},
+        {"kind": "phases", "phases": [{"kind": "poisson", "rate_rps": 5.0, "limit": 300},
+                                      {"kind": "azure", "path": AZURE_CONV, "limit": 300}]},
     ],
     ids=lambda s: s["kind"],
 )
@@ -282,3 +284,44 @@ def test_missing_trace_file_fails_when_building(tmp_path):
     # a rescale needs a pass over the file, so the error comes at once
     with pytest.raises(TraceError, match=r"bad\.jsonl:2: missing field"):
         build_requests(WorkloadSpec(kind="mooncake", path="bad.jsonl", rate_rps=1.0), REGIONS, 0, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ phases
+SHIFT = [{"kind": "shared_prefix", "rate_rps": 10.0, "limit": 400, "groups": 4, "system_prompt_tokens": 64},
+         {"kind": "shared_prefix", "rate_rps": 20.0, "limit": 600, "groups": 4, "system_prompt_tokens": 512}]
+
+
+def test_phases_follow_one_another_each_as_it_would_run_alone():
+    requests = build(kind="phases", phases=SHIFT)
+    assert len(requests) == 1000
+    first, second = requests[:400], requests[400:]
+    alone = [build(seed=s, **p) for s, p in ((0, SHIFT[0]), (0, SHIFT[1]))]
+    # each phase is its own workload (own random streams), shifted to start one mean gap after the last
+    assert [r.prompt_tokens for r in second] == [r.prompt_tokens for r in build(
+        seed=int(np.random.SeedSequence([0, 1]).generate_state(1, np.uint64)[0] >> 1), **SHIFT[1])]
+    assert second[0].arrival == pytest.approx(first[-1].arrival + 1 / 10.0)
+    assert len(alone[0]) == 400
+    assert np.mean([r.prompt_tokens for r in second]) > np.mean([r.prompt_tokens for r in first])
+    assert offered_rate(WorkloadSpec.model_validate({"kind": "phases", "phases": SHIFT}), ROOT) == \
+        pytest.approx(1000 / (400 / 10 + 600 / 20))
+
+
+def test_phases_limit_duration_and_time_scale_apply_to_the_whole():
+    assert len(build(kind="phases", phases=SHIFT, limit=450)) == 450
+    cut = build(kind="phases", phases=SHIFT, duration_s=50.0)
+    assert cut[-1].arrival <= 50.0 and len(cut) > 400
+    slow = build(kind="phases", phases=SHIFT, time_scale=2.0)
+    assert slow[-1].arrival == pytest.approx(2 * build(kind="phases", phases=SHIFT)[-1].arrival)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"kind": "phases"}, "at least one"),
+    ({"kind": "phases", "phases": SHIFT, "rate_rps": 3.0}, "rate_rps"),
+    ({"kind": "phases", "phases": [{"kind": "poisson", "rate_rps": 1.0, "duration_s": 5.0}, {"kind": "phases", "phases": SHIFT}]},
+     "do not nest"),
+    ({"kind": "phases", "phases": [{"kind": "poisson", "rate_rps": 1.0}, SHIFT[1]]}, "limit or duration_s"),
+    ({"kind": "phases", "phases": [SHIFT[0], {**SHIFT[1], "block_size": 32}]}, "block_size"),
+])
+def test_bad_phases_are_refused(spec, message):
+    with pytest.raises(ValidationError, match=message):
+        WorkloadSpec.model_validate(spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -74,8 +75,22 @@ def trace_span(spec: WorkloadSpec, base_dir: Path) -> float:
 def offered_rate(spec: WorkloadSpec, base_dir: Path) -> float:
     """Long-run mean request rate of :func:`build_requests`' stream, requests per second.
 
-    ``(rate_rps or the native rate) / time_scale``, ignoring ``limit`` and ``duration_s``.
+    ``(rate_rps or the native rate) / time_scale``, ignoring ``limit`` and ``duration_s``; for
+    ``phases``, the requests of every phase over their time together (a phase without ``limit`` or
+    ``duration_s`` counts as one second at its rate).
     """
+    if spec.kind == "phases":
+        n = t = 0.0
+        for phase in spec.phases:
+            rate = offered_rate(phase, base_dir)
+            count = phase.limit if phase.limit is not None else math.inf
+            if phase.duration_s is not None:
+                count = min(count, rate * phase.duration_s * phase.time_scale)
+            if count == math.inf:
+                count = rate
+            n += count
+            t += count / rate
+        return n / t / spec.time_scale
     rate = spec.rate_rps if spec.rate_rps is not None else native_rate(spec, base_dir)
     return rate / spec.time_scale
 
@@ -136,8 +151,30 @@ def _sharegpt_lengths(spec: WorkloadSpec, path: Path, arrivals: Iterator[float])
             yield TraceRecord(t, prompt, output)
 
 
-def _finish(timed: Timed, spec: WorkloadSpec, origins: OriginAssigner) -> Iterator[Request]:
-    """Apply ``duration_s``, ``limit`` and ``max_prompt_tokens``; number the requests; draw origins."""
+def _phase_seed(seed: int, k: int) -> int:
+    """The seed of phase ``k`` of a ``phases`` workload: an independent stream of ``seed``."""
+    return int(np.random.SeedSequence([seed, k]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _phases(spec: WorkloadSpec, regions: Sequence[str], seed: int, base_dir: Path) -> Iterator[Request]:
+    """The phases' requests one after the other (:class:`WorkloadSpec`), ``time_scale`` applied."""
+    start = 0.0
+    for k, phase in enumerate(spec.phases):
+        last = math.nan
+        for r in build_requests(phase, regions, _phase_seed(seed, k), base_dir):
+            last = start + r.arrival
+            yield dataclasses.replace(r, arrival=last * spec.time_scale)
+        if last == last:  # the phase had requests: the next one starts one mean gap later
+            start = last + 1.0 / offered_rate(phase, base_dir)
+
+
+def _finish(timed: Timed | Iterator[Request], spec: WorkloadSpec,
+            origins: OriginAssigner | None) -> Iterator[Request]:
+    """Apply ``duration_s``, ``limit`` and ``max_prompt_tokens``; number the requests; draw origins
+    (``origins`` ``None``: ``timed`` is requests that have theirs, only numbered and cut here)."""
+    if origins is None:
+        yield from _renumber(timed, spec)  # type: ignore[arg-type]
+        return
     limit = spec.limit if spec.limit is not None else math.inf
     duration = spec.duration_s if spec.duration_s is not None else math.inf
     cap = spec.max_prompt_tokens
@@ -163,6 +200,15 @@ def _finish(timed: Timed, spec: WorkloadSpec, origins: OriginAssigner) -> Iterat
         close = getattr(timed, "close", None)
         if close is not None:
             close()
+
+
+def _renumber(requests: Iterator[Request], spec: WorkloadSpec) -> Iterator[Request]:
+    limit = spec.limit if spec.limit is not None else math.inf
+    duration = spec.duration_s if spec.duration_s is not None else math.inf
+    for count, r in enumerate(requests):
+        if r.arrival > duration or count >= limit:
+            return
+        yield dataclasses.replace(r, id=f"r{count:06d}")
 
 
 def build_requests(spec: WorkloadSpec, regions: Sequence[str], seed: int, base_dir: Path) -> Iterator[Request]:
@@ -193,6 +239,8 @@ def build_requests(spec: WorkloadSpec, regions: Sequence[str], seed: int, base_d
     """
     if seed < 0:
         raise ConfigError(f"seed must be >= 0, got {seed}")
+    if spec.kind == "phases":
+        return _finish(_phases(spec, regions, seed, base_dir), spec, None)
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(_STREAMS)]
     origin_rng = streams[_ORIGINS]
     salt = origin_rng.bytes(16)

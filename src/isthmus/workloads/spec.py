@@ -11,7 +11,7 @@ from isthmus.core.hashing import DEFAULT_BLOCK_SIZE
 from isthmus.workloads.readers import MAX_NAMESPACE, MOONCAKE_BLOCK_TOKENS
 
 WorkloadKind = Literal["mooncake", "azure", "sharegpt_tokens", "sharegpt_lengths", "poisson", "sessions",
-                       "shared_prefix"]
+                       "shared_prefix", "phases"]
 
 TIMED_KINDS: frozenset[str] = frozenset({"mooncake", "azure", "sharegpt_tokens"})
 """Trace files whose lines carry arrival times."""
@@ -99,6 +99,7 @@ _KIND_FIELDS: dict[str, frozenset[str]] = {
     "groups": frozenset({"shared_prefix"}),
     "system_prompt_tokens": frozenset({"shared_prefix"}),
     "group_skew": frozenset({"shared_prefix"}),
+    "phases": frozenset({"phases"}),
 }
 
 
@@ -117,7 +118,12 @@ class WorkloadSpec(_Frozen):
       (see :func:`~isthmus.workloads.synthetic.session_requests`);
     * ``shared_prefix`` -- ``groups`` groups with a system prompt of ``system_prompt_tokens`` each,
       picked with Zipf exponent ``group_skew`` (see
-      :func:`~isthmus.workloads.synthetic.shared_prefix_requests`).
+      :func:`~isthmus.workloads.synthetic.shared_prefix_requests`);
+    * ``phases`` -- the workloads of ``phases`` one after the other (a workload that changes
+      mid-run): phase *k + 1* starts one mean inter-arrival gap of phase *k* after its last arrival,
+      each phase with its own independent random streams; every phase but the last must end
+      (``limit`` or ``duration_s``), all use the top-level ``block_size``; ``limit``,
+      ``duration_s`` and ``time_scale`` apply to the whole.
 
     Timing: arrivals start at 0 and never decrease. For the timed trace kinds (``mooncake``,
     ``azure``, ``sharegpt_tokens``), times are the file's, shifted to start at 0; with ``rate_rps``
@@ -150,6 +156,7 @@ class WorkloadSpec(_Frozen):
         groups: ``shared_prefix``: number of system prompts.
         system_prompt_tokens: ``shared_prefix``: tokens per system prompt.
         group_skew: ``shared_prefix``: Zipf exponent of group popularity (0 = uniform).
+        phases: ``phases``: the workloads, in order.
     """
 
     kind: WorkloadKind
@@ -170,10 +177,13 @@ class WorkloadSpec(_Frozen):
     groups: int = Field(default=8, ge=1)
     system_prompt_tokens: int = Field(default=2048, ge=1)
     group_skew: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    phases: tuple[WorkloadSpec, ...] = ()
 
     @model_validator(mode="after")
     def _check_kind(self) -> WorkloadSpec:
         kind = self.kind
+        if kind == "phases":
+            self._check_phases()
         for name, kinds in _KIND_FIELDS.items():
             if kind not in kinds and getattr(self, name) != type(self).model_fields[name].get_default(
                     call_default_factory=True):
@@ -187,7 +197,31 @@ class WorkloadSpec(_Frozen):
             raise ValueError(f"limit or duration_s: kind {kind!r} is endless, give at least one")
         if self.arrival == "poisson" and self.cv != 1.0:
             raise ValueError("cv: only used with arrival 'gamma' (a Poisson process has cv 1)")
+        if kind == "phases":
+            return self
         if kind == "mooncake" and MOONCAKE_BLOCK_TOKENS % self.block_size:
             raise ValueError(f"block_size: must divide {MOONCAKE_BLOCK_TOKENS} for kind 'mooncake', "
                              f"got {self.block_size}")
         return self
+
+    def _check_phases(self) -> None:
+        if not self.phases:
+            raise ValueError("phases: give at least one workload")
+        for name in ("rate_rps", "max_prompt_tokens"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}: set it in each phase, not on kind 'phases'")
+        if self.origins != OriginSpec():
+            raise ValueError("origins: set them in each phase, not on kind 'phases'")
+        last = len(self.phases) - 1
+        for k, phase in enumerate(self.phases):
+            if phase.kind == "phases":
+                raise ValueError(f"phases.{k}.kind: phases do not nest")
+            if phase.block_size != self.block_size:
+                raise ValueError(f"phases.{k}.block_size: {phase.block_size} differs from the workload's "
+                                 f"{self.block_size}; every phase hashes blocks of the same size")
+            if k < last and phase.limit is None and phase.duration_s is None and phase.kind not in FILE_KINDS:
+                raise ValueError(f"phases.{k}: give limit or duration_s (a phase before the last must end)")
+        final = self.phases[last]
+        if final.kind in SYNTHETIC_KINDS and final.limit is None and final.duration_s is None \
+                and self.limit is None and self.duration_s is None:
+            raise ValueError("limit or duration_s: the last phase is endless, give one (there or on the whole)")
