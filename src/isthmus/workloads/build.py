@@ -168,13 +168,8 @@ def _phases(spec: WorkloadSpec, regions: Sequence[str], seed: int, base_dir: Pat
             start = last + 1.0 / offered_rate(phase, base_dir)
 
 
-def _finish(timed: Timed | Iterator[Request], spec: WorkloadSpec,
-            origins: OriginAssigner | None) -> Iterator[Request]:
-    """Apply ``duration_s``, ``limit`` and ``max_prompt_tokens``; number the requests; draw origins
-    (``origins`` ``None``: ``timed`` is requests that have theirs, only numbered and cut here)."""
-    if origins is None:
-        yield from _renumber(timed, spec)  # type: ignore[arg-type]
-        return
+def _finish(timed: Timed, spec: WorkloadSpec, origins: OriginAssigner) -> Iterator[Request]:
+    """Apply ``duration_s``, ``limit`` and ``max_prompt_tokens``; number the requests; draw origins."""
     limit = spec.limit if spec.limit is not None else math.inf
     duration = spec.duration_s if spec.duration_s is not None else math.inf
     cap = spec.max_prompt_tokens
@@ -203,6 +198,7 @@ def _finish(timed: Timed | Iterator[Request], spec: WorkloadSpec,
 
 
 def _renumber(requests: Iterator[Request], spec: WorkloadSpec) -> Iterator[Request]:
+    """Apply ``limit`` and ``duration_s`` to requests that have everything else; number them."""
     limit = spec.limit if spec.limit is not None else math.inf
     duration = spec.duration_s if spec.duration_s is not None else math.inf
     for count, r in enumerate(requests):
@@ -240,7 +236,7 @@ def build_requests(spec: WorkloadSpec, regions: Sequence[str], seed: int, base_d
     if seed < 0:
         raise ConfigError(f"seed must be >= 0, got {seed}")
     if spec.kind == "phases":
-        return _finish(_phases(spec, regions, seed, base_dir), spec, None)
+        return _renumber(_phases(spec, regions, seed, base_dir), spec)
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(_STREAMS)]
     origin_rng = streams[_ORIGINS]
     salt = origin_rng.bytes(16)
