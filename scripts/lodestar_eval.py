@@ -5,11 +5,10 @@
    (``docs/img/lodestar_curve_<scenario>.png``). Reports each lodestar's converged level (mean TTFT
    of the last quarter of arrivals), the time its rolling mean comes within 5 % of that level for
    good (after its first fit), and the same for its ratio to preble on the same arrivals.
-2. Shift: 8 x A30 (the cluster of ``scenarios/lodestar_share09.yaml``) at 10 req/s; 2,000 requests
-   of a ``shared_prefix`` mix with 5 % of prompt tokens shared (16 system prompts of 100 tokens,
-   ~1,900-token suffixes), then 2,000 with 50 % shared (1,000 + ~1,000). The workload layer has no
-   phases, so the two streams are built separately (different seeds: different system prompts) and
-   chained here, the second shifted to start one mean gap after the first ends and renumbered.
+2. Shift: ``scenarios/lodestar_shift.yaml`` (8 x A30 at 10 req/s; 2,000 requests of a
+   ``shared_prefix`` mix with 5 % of prompt tokens shared, then 2,000 with 50 % shared: a workload of
+   kind ``phases``), every policy of the scenario; TTFT before and after the shift, and how soon
+   lodestar settles after it.
 
 Usage::
 
@@ -19,29 +18,23 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from isthmus.core.request import Request
 from isthmus.policies.lodestar import LodestarPolicy
 from isthmus.sim.learning_curve import plot_learning_curves, rolling_mean, tail_level, time_to_within
 from isthmus.sim.metrics import SimResult
-from isthmus.sim.scenario import Scenario, load_scenario
+from isthmus.sim.scenario import load_scenario
 from isthmus.sim.simulator import Simulation
-from isthmus.workloads import WorkloadSpec, build_requests
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SCENARIOS = ("lodestar_homogeneous", "lodestar_heterogeneous", "lodestar_multiregion")
 WINDOW_S = 120.0
-SHIFT_RATE = 10.0
-SHIFT_PHASE = 2000
 
 
 def _summary(res: SimResult, sel: np.ndarray | None = None) -> dict[str, float]:
@@ -110,38 +103,15 @@ def curves(paths: list[Path], img_dir: Path) -> dict[str, Any]:
     return report
 
 
-def shifted_requests(sc: Scenario, seed: int) -> tuple[Iterator[Request], float]:
-    """Phase 1 (5 % shared) then phase 2 (50 % shared), and the time phase 2 starts, seconds."""
-    regions = sc.config.topology.regions
-
-    def phase(system: int, suffix: int, phase_seed: int) -> list[Request]:
-        spec = WorkloadSpec.model_validate({
-            "kind": "shared_prefix", "rate_rps": SHIFT_RATE, "limit": SHIFT_PHASE, "groups": 16,
-            "system_prompt_tokens": system, "group_skew": 0.8,
-            "lengths": {"dist": "lognormal", "prompt_tokens": suffix, "output_tokens": 128, "prompt_sigma": 0.5,
-                        "output_sigma": 0.5}})
-        return list(build_requests(spec, regions, phase_seed, sc.base_dir))
-
-    first = phase(100, 1900, seed)
-    second = phase(1000, 1000, seed + 1)
-    start = first[-1].arrival + 1.0 / SHIFT_RATE
-    out = first + [dataclasses.replace(r, id=f"r{SHIFT_PHASE + k:06d}", arrival=r.arrival + start)
-                   for k, r in enumerate(second)]
-    return iter(out), start
-
-
 def shift(img_dir: Path) -> dict[str, Any]:
-    sc = load_scenario(ROOT / "scenarios" / "lodestar_share09.yaml")
+    sc = load_scenario(ROOT / "scenarios" / "lodestar_shift.yaml")
     seed = sc.config.seed
-    labels = ["least_load", "cache_aware", "preble", "gorgo_proxy", "lodestar", "lodestar_nokv"]
+    first = sc.config.workload.phases[0].limit
+    assert first is not None
+    start = next(r.arrival for k, r in enumerate(sc.requests(seed)) if k == first)  # phase 2's first request
     runs: dict[str, tuple[SimResult, Any, float]] = {}
-    start = math.nan
-    for label in labels:
-        inp = sc.build(label, seed)
-        reqs, start = shifted_requests(sc, seed)
-        sim = Simulation(inp.topology, inp.instances, inp.policy, reqs, router_region=inp.router_region,
-                         mode=inp.router.mode, recheck_s=inp.router.recheck_s, prefix_source=inp.router.prefix_source)
-        runs[label] = _run(sim)
+    for label in (p.key for p in sc.config.policies):
+        runs[label] = _run(sc.simulation(label, seed))
         print(f"shift: {label} {runs[label][2]:.1f} s wall")
     base = runs["preble"][0]
     report: dict[str, Any] = {"shift_at_s": start}
