@@ -251,3 +251,48 @@ def test_repeated_long_prompt_hits_the_prefix_cache_and_starts_sooner(emu: Emula
     hits = m["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"]
     assert queried == 8000 and hits == 3984  # the second request finds all but its last block
     assert second < first / 3, (first, second)
+
+
+def test_priority_field_orders_the_waiting_queue(emu: Emulator) -> None:
+    """vLLM's ``priority`` (lower first): of two waiting requests, the normal one sent second takes the
+    first free slot; the one sent first at priority 1 waits for the next."""
+    import threading
+
+    t0 = time.monotonic()
+    first_token: dict[str, float] = {}
+
+    def read_all(name: str, conn: Any, resp: Any) -> None:  # to the end: closing early would abort it
+        try:
+            for k, _ in enumerate(read_sse(resp)):
+                if k == 0:
+                    first_token[name] = time.monotonic() - t0
+        finally:
+            conn.close()
+
+    def start(name: str, body: dict[str, Any]) -> threading.Thread:
+        t = threading.Thread(target=read_all, args=(name, *open_stream(emu, "/v1/completions", body)))
+        t.start()
+        return t
+
+    # max_num_seqs is 2: a long and a short stream take both slots
+    threads = [start("long", {"prompt": "priority: long", "max_tokens": 300}),
+               start("short", {"prompt": "priority: short", "max_tokens": 20})]
+    assert wait_until(lambda: emu.metrics()["vllm:num_requests_running"] == 2)
+    threads.append(start("low", {"prompt": "priority: low", "max_tokens": 100, "priority": 1}))
+    assert wait_until(lambda: emu.metrics()["vllm:num_requests_waiting"] == 1)
+    threads.append(start("normal", {"prompt": "priority: normal", "max_tokens": 100}))
+    for t in threads:
+        t.join(timeout=20)
+    assert set(first_token) == {"long", "short", "low", "normal"}
+    # the short stream's slot went to the normal request; the low one waited for the normal one's
+    # 100 decode steps (~0.7 s here)
+    assert first_token["normal"] + 0.3 < first_token["low"], first_token
+
+
+def test_bad_priority_is_a_400_naming_the_field(emu: Emulator) -> None:
+    for bad in ("high", 1.5, True, [1]):
+        status, body = emu.post("/v1/completions", {"prompt": "x", "max_tokens": 1, "priority": bad})
+        _assert_error(status, body, 400, "BadRequestError")
+        assert body["error"]["param"] == "priority" and "priority" in body["error"]["message"]
+    status, body = emu.post("/v1/completions", {"prompt": "x", "max_tokens": 1, "priority": -1})
+    assert status == 200 and body["usage"]["completion_tokens"] == 1

@@ -91,12 +91,22 @@ def test_output_lengths_follow_vllm_defaults() -> None:
     ({"prompt": "a", "n": 3}, 400, "n"),
     ({"prompt": "a" * 4000}, 400, "prompt"),
     ({"prompt": "a", "max_tokens": 1000}, 400, "max_tokens"),
+    ({"prompt": "a", "priority": "high"}, 400, "priority"),
+    ({"prompt": "a", "priority": 1.5}, 400, "priority"),
+    ({"prompt": "a", "priority": True}, 400, "priority"),
 ])
 def test_bad_requests(data: dict[str, Any], status: int, param: str) -> None:
     with pytest.raises(ApiError) as err:
         _parse(data)
     assert (err.value.status, err.value.param) == (status, param)
     assert err.value.body()["error"]["code"] == status
+
+
+def test_priority_is_vllms_integer_field_default_0() -> None:
+    assert _parse({"prompt": "a"}).priority == 0
+    assert _parse({"prompt": "a", "priority": None}).priority == 0
+    assert _parse({"prompt": "a", "priority": 3}).priority == 3
+    assert _parse({"messages": [{"role": "user", "content": "hi"}], "priority": -2}, chat=True).priority == -2
 
 
 def test_filler_is_deterministic_per_prompt_and_seed() -> None:

@@ -24,11 +24,15 @@ def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
 
 
 def bench_table(record: Mapping[str, Any]) -> Any:
-    """The bench-only figures of a result: failures, send lag, inter-token latency, where requests went."""
+    """The bench-only figures of a result: failures, rejections, SLO attainment per class, send lag,
+    inter-token latency, where requests went."""
     from rich.table import Table
 
     def ms(v: Any) -> str:
         return "—" if v is None else f"{1000.0 * float(v):,.1f}"
+
+    def pct(v: Any) -> str:
+        return "—" if v is None else f"{100.0 * float(v):.1f} %"
 
     t = Table(title="[bold]bench[/bold]: client side", title_justify="left")
     t.add_column("figure", no_wrap=True)
@@ -37,6 +41,16 @@ def bench_table(record: Mapping[str, Any]) -> Any:
     t.add_row("timeouts", f"{record['timeouts']:,}")
     for kind, n in record.get("error_kinds", {}).items():
         t.add_row(f"  {kind}", f"{n:,}")
+    t.add_row("rejected", f"{record.get('rejected', 0):,}")
+    for code, n in record.get("rejections", {}).items():
+        t.add_row(f"  {code}", f"{n:,}")
+    slo = record.get("slo")
+    if isinstance(slo, Mapping):
+        for name, c in [("all classes", slo), *slo.get("classes", {}).items()]:
+            t.add_row(f"SLO {name}: attained of requests",
+                      f"{pct(c.get('attainment'))} ({c['attained']:,} of {c['requests']:,}; "
+                      f"{c['rejected']:,} rejected, {c['failed']:,} failed)")
+            t.add_row(f"SLO {name}: goodput (req/s)", f"{float(c.get('goodput_rps') or 0.0):,.3f}")
     lag = record.get("send_lag_s") or {}
     t.add_row("send lag p50 / p99 / max (wall ms)",
               f"{ms(lag.get('p50'))} / {ms(lag.get('p99'))} / {ms(lag.get('max'))}")
@@ -77,9 +91,11 @@ def bench(
 
     Each request is sent at its arrival time (times --time-scale) from its origin region to that
     region's entry point, streamed; TTFT, TPOT, end-to-end latency, errors and where it was served
-    are measured. Prints tables like 'isthmus simulate' and writes the same JSON shape (one result,
-    labelled with the testbed's policy), plus bench-only keys (errors, timeouts, send_lag_s, itl_s,
-    served_by, served_regions).
+    are measured. A request with an SLO class (the scenario's slo block) names it in the x-slo-class
+    header; SLO attainment, goodput and rejections (429 slo_unattainable) are then reported per
+    class. Prints tables like 'isthmus simulate' and writes the same JSON shape (one result,
+    labelled with the testbed's policy), plus bench-only keys (errors, timeouts, rejections,
+    send_lag_s, itl_s, served_by, served_regions).
     """
     from rich.console import Console
 

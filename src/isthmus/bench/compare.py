@@ -10,7 +10,9 @@ For every policy label, :func:`compare_policy`
 
 then puts the two records side by side (:class:`PolicyComparison`): mean and P99 TTFT, mean TPOT
 and throughput, simulated and measured, and the relative error ``(measured - simulated) /
-simulated`` of each. Beside the exact simulation, :func:`simulated_band` reruns it with arrivals
+simulated`` of each; when the requests have SLO classes (the scenario's ``slo`` block), also SLO
+attainment (overall and per class: the difference ``measured - simulated``, a fraction), goodput
+(relative error) and rejected requests (:func:`slo_comparison`). Beside the exact simulation, :func:`simulated_band` reruns it with arrivals
 moved by less than 5 ms: on a bursty trace near saturation that spread says how much of a gap the
 timing noise of real processes alone can make.
 
@@ -36,6 +38,10 @@ The JSON document (:meth:`CompareResult.document`; keys may be added, never rena
                    "sim_band": {"mean", "sd", "min", "max", "runs", "jitter_s"} | null,   # simulated_band
                    "rel_error_vs_band": float | null,    # mean TTFT, measured against the band's mean
                    "cross_region_share": {"simulated", "measured"},   # served outside the origin region
+                   "slo": {"all": SLO, "classes": {name: SLO}},      # only with SLO classes, where
+                       # SLO = {"simulated": {"attainment", "goodput_rps", "rejected"}, "measured": {same},
+                       #        "attainment_diff": float | null,   # measured - simulated attainment
+                       #        "goodput_rel_error": float | null}
                    "requests": int, "completed": int, "errors": int, "timeouts": int,
                    "send_lag_p99_s": float | null (wall), "cpu": {role: share of one core},
                    "wall_s": float, "startup_s": float}],
@@ -93,6 +99,45 @@ def figures(record: Mapping[str, Any]) -> dict[str, float | None]:
     return out
 
 
+SLO_FIGURES: tuple[str, ...] = ("attainment", "goodput_rps", "rejected")
+"""The compared SLO figures, keys of a result record's ``slo`` entry (overall and per class)."""
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(float(value)) else None
+
+
+def _slo_figures(entry: Any) -> dict[str, float | int | None]:
+    out: dict[str, float | int | None] = {}
+    for key in SLO_FIGURES:
+        value = _finite(entry.get(key)) if isinstance(entry, Mapping) else None
+        out[key] = int(value) if key == "rejected" and value is not None else value
+    return out
+
+
+def _slo_entry(sim: Any, real: Any) -> dict[str, Any]:
+    sim_f, real_f = _slo_figures(sim), _slo_figures(real)
+    a, b = real_f["attainment"], sim_f["attainment"]
+    return {"simulated": sim_f, "measured": real_f, "attainment_diff": a - b if a is not None and b is not None else None,
+            "goodput_rel_error": relative_error(real_f["goodput_rps"], sim_f["goodput_rps"])}
+
+
+def slo_comparison(simulated: Mapping[str, Any], measured: Mapping[str, Any]) -> dict[str, Any] | None:
+    """SLO attainment, goodput and rejections of two result records side by side, over all classes
+    (``all``) and per class (``classes``, the simulated record's order, then classes only the
+    measured one has): ``{"simulated": {figure: value}, "measured": {...}, "attainment_diff":
+    measured - simulated attainment (a fraction: 0.05 is 5 points), "goodput_rel_error"}``;
+    ``None`` when neither record has an ``slo`` entry."""
+    sim, real = simulated.get("slo"), measured.get("slo")
+    if not isinstance(sim, Mapping) and not isinstance(real, Mapping):
+        return None
+    sim_classes = sim.get("classes", {}) if isinstance(sim, Mapping) else {}
+    real_classes = real.get("classes", {}) if isinstance(real, Mapping) else {}
+    names = [*sim_classes, *(n for n in real_classes if n not in sim_classes)]
+    return {"all": _slo_entry(sim, real),
+            "classes": {n: _slo_entry(sim_classes.get(n), real_classes.get(n)) for n in names}}
+
+
 def relative_error(measured: float | None, simulated: float | None) -> float | None:
     """``(measured - simulated) / simulated``; ``None`` when either is missing or ``simulated`` is 0."""
     if measured is None or simulated is None or simulated == 0:
@@ -142,7 +187,7 @@ class PolicyComparison:
         """This comparison as an entry of the document's ``policies`` (module docstring)."""
         lag = self.measured.get("send_lag_s") or {}
         lag_p99 = lag.get("p99") if isinstance(lag, Mapping) else None
-        return {
+        row: dict[str, Any] = {
             "policy": self.policy,
             "mode": self.mode,
             "simulated": figures(self.simulated),
@@ -163,6 +208,10 @@ class PolicyComparison:
             "wall_s": self.wall_s,
             "startup_s": self.startup_s,
         }
+        slo = slo_comparison(self.simulated, self.measured)
+        if slo is not None:
+            row["slo"] = slo
+        return row
 
 
 @dataclass(frozen=True)
@@ -221,7 +270,8 @@ def simulated_band(sc: Scenario, label: str, seed: int, *, runs: int = DEFAULT_B
     get them, and a near-saturated system can amplify that into a different mean. This runs the
     simulation ``runs`` times with every arrival delayed by an independent uniform draw in
     ``[0, jitter_s)`` scenario seconds (generator ``numpy.random.default_rng((seed, k))``, re-sorted;
-    nothing else changes) and returns ``{"mean", "sd", "min", "max", "runs", "jitter_s"}`` of the
+    nothing else changes: the router set-up, held-request order and SLO classes are
+    :meth:`~isthmus.sim.scenario.Scenario.simulation`'s) and returns ``{"mean", "sd", "min", "max", "runs", "jitter_s"}`` of the
     runs' mean TTFT, scenario seconds; ``None`` when ``runs`` is 0.
     """
     import numpy as np
@@ -237,9 +287,12 @@ def simulated_band(sc: Scenario, label: str, seed: int, *, runs: int = DEFAULT_B
         reqs = sorted((dataclasses.replace(r, arrival=r.arrival + float(rng.uniform(0.0, jitter_s)))
                        for r in inp.requests), key=lambda r: r.arrival)
         rc = inp.router
+        slo = sc.config.slo
         res = Simulation(inp.topology, inp.instances, inp.policy, iter(reqs), router_region=inp.router_region,
                          mode=rc.mode, policies_by_region=inp.policies_by_region, sync_period_s=rc.sync_period_s,
-                         recheck_s=rc.recheck_s, prefix_source=rc.prefix_source).run()
+                         recheck_s=rc.recheck_s, prefix_source=rc.prefix_source,
+                         queue_order="edf" if rc.queue == "edf" else "fifo", max_hold_s=rc.max_hold_s,
+                         slo_classes=tuple(c.name for c in slo.classes) if slo is not None else ()).run()
         means.append(float(np.mean(res.ttft_s)) if len(res.ttft_s) else math.nan)
     arr = np.asarray(means)
     return {"mean": float(arr.mean()), "sd": float(arr.std()), "min": float(arr.min()), "max": float(arr.max()),
@@ -447,6 +500,6 @@ def run_compare(scenario: Scenario | str | Path, policies: Sequence[str] | None 
                          tolerance=tolerance)
 
 
-__all__ = ["DEFAULT_BAND_JITTER_S", "DEFAULT_BAND_RUNS", "DEFAULT_TOLERANCE", "FIGURES", "CompareResult", "PolicyComparison", "compare_policy", "figures",
-           "prepare", "relative_error", "run_compare",
-           "simulated_band"]
+__all__ = ["DEFAULT_BAND_JITTER_S", "DEFAULT_BAND_RUNS", "DEFAULT_TOLERANCE", "FIGURES", "SLO_FIGURES", "CompareResult",
+           "PolicyComparison", "compare_policy", "figures", "prepare", "relative_error", "run_compare",
+           "simulated_band", "slo_comparison"]

@@ -48,8 +48,10 @@ def compare_table(rows: Sequence[dict[str, Any]], *, title: str, tolerance: floa
     """Rich table of :meth:`~isthmus.bench.compare.PolicyComparison.row` entries: per policy, simulated
     against measured mean and P99 TTFT (s), mean TPOT (ms) and throughput (req/s) with the relative
     error; the mean-TTFT rows also give the simulated band (mean ± sd over jittered arrivals) and
-    the error against its mean. The mean-TTFT error is green within ``tolerance``, red outside. The
-    caption gives, per policy, the failed requests and the CPU the testbed used (cores)."""
+    the error against its mean. The mean-TTFT error is green within ``tolerance``, red outside. With
+    SLO classes, each policy also has its SLO attainment overall and per class (the error is the
+    difference in percentage points), its goodput (req/s, relative error) and its rejected
+    requests. The caption gives, per policy, the failed requests and the CPU the testbed used (cores)."""
     from rich import box
     from rich.table import Table
 
@@ -62,6 +64,7 @@ def compare_table(rows: Sequence[dict[str, Any]], *, title: str, tolerance: floa
     for name in ("sim", "real", "error", "sim band", "vs band"):
         t.add_column(name, justify="right", no_wrap=True)
     for r in rows:
+        slo_rows = _slo_rows(r.get("slo"))
         for k, (key, label, factor, digits) in enumerate(_ROWS):
             sim, real, err = r["simulated"][key], r["measured"][key], r["rel_error"][key]
             sim_s = _s(None if sim is None else factor * sim, digits)
@@ -76,8 +79,32 @@ def compare_table(rows: Sequence[dict[str, Any]], *, title: str, tolerance: floa
                     band_s = f"{band['mean']:.2f} ± {band['sd']:.2f}"
                     vs_s = _pct(r.get("rel_error_vs_band"))
             t.add_row(r["policy"] if k == 0 else "", label, sim_s, real_s, err_s, band_s, vs_s,
-                      end_section=k == len(_ROWS) - 1)
+                      end_section=k == len(_ROWS) - 1 and not slo_rows)
+        for k, cells in enumerate(slo_rows):
+            t.add_row("", *cells, "", "", end_section=k == len(slo_rows) - 1)
     return t
+
+
+def _points(v: float | None) -> str:
+    return "—" if v is None else f"{100.0 * v:+.1f} pt"
+
+
+def _share(v: float | None) -> str:
+    return "—" if v is None else f"{100.0 * v:.1f} %"
+
+
+def _slo_rows(slo: Any) -> list[tuple[str, str, str, str]]:
+    """``(figure, sim, real, error)`` rows of a comparison row's ``slo`` entry (none without one)."""
+    if not isinstance(slo, dict):
+        return []
+    entries = [("SLO attained", slo["all"])] + [(f"  {name}", e) for name, e in slo.get("classes", {}).items()]
+    out = [(label, _share(e["simulated"]["attainment"]), _share(e["measured"]["attainment"]),
+            _points(e["attainment_diff"])) for label, e in entries]
+    a = slo["all"]
+    out.append(("goodput req/s", _s(a["simulated"]["goodput_rps"], 3), _s(a["measured"]["goodput_rps"], 3),
+                _pct(a["goodput_rel_error"])))
+    out.append(("rejected", _s(a["simulated"]["rejected"], 0), _s(a["measured"]["rejected"], 0), ""))
+    return out
 
 
 def compare(
@@ -106,7 +133,8 @@ def compare(
     the policy ('isthmus testbed': engine doubles, delay relays, routers, at --time-scale), replay
     the same requests through it ('isthmus bench'), stop it. Prints simulated against measured
     mean and P99 TTFT, mean TPOT and throughput per policy with the relative error
-    (measured - simulated) / simulated, and writes them as JSON. The simulated band is the mean
+    (measured - simulated) / simulated (with SLO classes also SLO attainment per class, goodput and
+    rejected requests), and writes them as JSON. The simulated band is the mean
     TTFT's spread over --band-runs simulations whose arrivals moved by less than 5 ms: how much
     of a gap the timing noise of real processes can explain on a bursty trace.
     """

@@ -10,7 +10,8 @@ streamed ``POST /v1/completions``::
     {"model": M, "prompt": TEXT, "max_tokens": request.max_output_tokens, "stream": true,
      "ignore_eos": true, "stream_options": {"include_usage": true}, ["user": session]}
 
-with headers ``x-isthmus-origin: ORIGIN`` and ``x-request-id: bench-<id>``. ``TEXT`` comes from
+with headers ``x-isthmus-origin: ORIGIN``, ``x-request-id: bench-<id>`` and, for a request with an
+SLO class (the scenario's ``slo`` block), ``x-slo-class: NAME``. ``TEXT`` comes from
 :class:`isthmus.bench.prompts.PromptBuilder` (exactly ``prompt_tokens`` tokens of the built-in
 tokenizer, shared prefixes where the trace has them). The engine double generates exactly
 ``max_tokens`` tokens and ignores ``ignore_eos`` as an unknown field; a real vLLM honours it.
@@ -33,8 +34,17 @@ token), inter-token latencies (between consecutive token events), end to end (se
 event), TPOT ``(e2e - ttft) / (tokens - 1)``, output tokens (the final ``usage`` chunk's
 ``completion_tokens``, else the number of token events), the HTTP status, an error (a status other
 than 200, an ``error`` event, a broken or refused connection, a stream ending without ``[DONE]``),
-a timeout (``timeout_s`` scenario seconds from send to the end of the stream), and the
-``x-isthmus-target`` / ``x-isthmus-region`` response headers a router adds (where it went).
+a timeout (``timeout_s`` scenario seconds from send to the end of the stream), a rejection (a 429
+whose OpenAI error ``code`` is one of :data:`REJECT_CODES`, e.g. ``slo_unattainable`` from a router
+whose ``slo`` policy cannot meet the request's SLO: counted as rejected with its message, not as an
+error), and the ``x-isthmus-target`` / ``x-isthmus-region`` / ``x-isthmus-slo-class`` response
+headers a router adds (where it went, the class it applied).
+
+SLOs. A request with an SLO class met it when it completed and its client-measured TTFT, TPOT and
+end-to-end latency (scenario seconds) meet every target of the class
+(:func:`isthmus.core.slo.slo_attained`); attainment, goodput and rejections per class are summarised
+by the simulator's own :meth:`isthmus.sim.metrics.SimResult.slo_summary`, so ``slo`` has the same
+keys and meaning as in ``isthmus simulate --json``, plus the requests that failed (``failed``, a miss).
 
 The result (:class:`BenchResult`) summarises into the same JSON entry as one policy of ``isthmus
 simulate --json`` (:meth:`BenchResult.record`, :meth:`BenchResult.document`), plus bench-only keys.
@@ -58,8 +68,9 @@ import orjson
 
 from isthmus.bench.prompts import PromptBuilder
 from isthmus.core.errors import ConfigError
-from isthmus.core.request import Request
-from isthmus.sim.metrics import percentiles
+from isthmus.core.request import SLO, Request
+from isthmus.core.slo import slo_attained
+from isthmus.sim.metrics import SimResult, percentiles
 from isthmus.sim.report import build_report, result_record
 
 if TYPE_CHECKING:
@@ -70,6 +81,15 @@ if TYPE_CHECKING:
 ORIGIN_HEADER = "x-isthmus-origin"
 TARGET_HEADER = "x-isthmus-target"
 REGION_HEADER = "x-isthmus-region"
+SLO_HEADER = "x-slo-class"
+"""The request header a client names its SLO class in (the router's default ``slo.header``)."""
+SLO_CLASS_HEADER = "x-isthmus-slo-class"
+"""The response header a router names the SLO class it applied in."""
+
+REJECT_CODES: frozenset[str] = frozenset({"slo_unattainable"})
+"""OpenAI error ``code`` values of a 429 that mean "refused by the routing policy" (a rejection, as the
+simulator counts ``Decision.reject``), not "overloaded" (an error, e.g. the router's admission limit,
+``rate_limit_exceeded``)."""
 
 DEFAULT_TIMEOUT_S = 600.0
 """Per-request timeout, scenario seconds (send to end of stream)."""
@@ -237,9 +257,13 @@ class Outcome:
         end_s: wall time the exchange ended, seconds after the replay's start.
         itl_s: gaps between consecutive token events, wall seconds.
         output_tokens: tokens received (usage, else token events).
-        error: why it failed (``None``: completed, or timed out).
+        error: why it failed (``None``: completed, timed out or rejected).
         timed_out: the request hit the timeout.
         target, region: the ``x-isthmus-target`` / ``x-isthmus-region`` response headers.
+        slo: the request's SLO class (sent as ``x-slo-class``), ``None`` without one.
+        slo_applied: the ``x-isthmus-slo-class`` response header (the class a router applied).
+        rejected: the reject code of a 429 in :data:`REJECT_CODES` (``None``: not rejected).
+        reject_reason: that answer's ``error.message``.
     """
 
     id: str
@@ -260,11 +284,39 @@ class Outcome:
     target: str | None = None
     region: str | None = None
     done: bool = False
+    slo: SLO | None = None
+    slo_applied: str | None = None
+    rejected: str | None = None
+    reject_reason: str | None = None
 
     @property
     def completed(self) -> bool:
         """Answered 200, streamed to ``[DONE]`` with at least one token, no error, no timeout."""
         return self.done and self.error is None and not self.timed_out and self.output_tokens > 0
+
+    @property
+    def failed(self) -> bool:
+        """Neither completed nor rejected: an error or a timeout."""
+        return not self.completed and self.rejected is None
+
+    @property
+    def slo_class(self) -> str | None:
+        """Name of the request's SLO class."""
+        return self.slo.name if self.slo is not None else None
+
+    def tpot_s(self) -> float:
+        """``(e2e - ttft) / (tokens - 1)``, wall seconds; ``nan`` with fewer than two tokens."""
+        if self.output_tokens < 2:
+            return math.nan
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+    def slo_met(self, time_scale: float) -> bool:
+        """Completed within every target of its SLO class, latencies in scenario seconds (wall
+        seconds / ``time_scale``); ``True`` without a class, ``False`` unless completed."""
+        if not self.completed:
+            return False
+        return slo_attained(self.slo, self.ttft_s / time_scale, self.tpot_s() / time_scale,
+                            self.e2e_s / time_scale)
 
 
 def _error_kind(outcome: Outcome) -> str:
@@ -293,9 +345,15 @@ async def _send_one(session: aiohttp.ClientSession, url: str, body: bytes, heade
                 out.status = resp.status
                 out.target = resp.headers.get(TARGET_HEADER)
                 out.region = resp.headers.get(REGION_HEADER)
+                out.slo_applied = resp.headers.get(SLO_CLASS_HEADER)
                 if resp.status != 200:
-                    text = (await resp.read())[:300].decode("utf-8", "replace")
-                    out.error = f"status {resp.status}: {_message(text)}"
+                    text = (await resp.read())[:4096].decode("utf-8", "replace")
+                    code = _error_code(text) if resp.status == 429 else None
+                    if code in REJECT_CODES:
+                        out.rejected = code
+                        out.reject_reason = _message(text)
+                    else:
+                        out.error = f"status {resp.status}: {_message(text)}"
                     return
                 async for line in resp.content:
                     if not line.startswith(b"data:"):
@@ -361,6 +419,17 @@ def _message(doc: Any) -> str:
     return str(doc)[:200]
 
 
+def _error_code(text: str) -> str | None:
+    """The ``error.code`` of an OpenAI error body when it is a string, else ``None``."""
+    try:
+        doc = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    err = doc.get("error") if isinstance(doc, dict) else None
+    code = err.get("code") if isinstance(err, dict) else None
+    return code if isinstance(code, str) else None
+
+
 def request_body(request: Request, prompt: str | Sequence[int], model: str | None, *,
                  ignore_eos: bool = True) -> bytes:
     """The JSON body of ``request`` (module docstring)."""
@@ -382,7 +451,8 @@ PromptFn = Callable[[Request], str | Sequence[int]]
 async def replay(requests: Iterable[Request], targets: Targets, *, model: str | None,
                  time_scale: float = 1.0, timeout_s: float = DEFAULT_TIMEOUT_S,
                  prompt: PromptFn | None = None, ignore_eos: bool = True,
-                 on_done: Callable[[Outcome], None] | None = None) -> tuple[list[Outcome], float]:
+                 on_done: Callable[[Outcome], None] | None = None,
+                 slo_header: str | None = SLO_HEADER) -> tuple[list[Outcome], float]:
     """Send ``requests`` open loop (module docstring) and wait for every answer.
 
     Args:
@@ -395,6 +465,7 @@ async def replay(requests: Iterable[Request], targets: Targets, *, model: str | 
         prompt: the prompt of a request, text or token ids (default: :class:`PromptBuilder` ()).
         ignore_eos: send ``ignore_eos: true``.
         on_done: called with each outcome as its exchange ends.
+        slo_header: the header that names a request's SLO class (``None``: not sent).
 
     Returns:
         The outcomes in request order, and the wall seconds the replay took.
@@ -430,8 +501,11 @@ async def replay(requests: Iterable[Request], targets: Targets, *, model: str | 
                 body = request_body(req, build(req), model, ignore_eos=ignore_eos)
                 headers = {"content-type": "application/json", ORIGIN_HEADER: req.origin,
                            "x-request-id": f"bench-{req.id}"}
+                if req.slo is not None and slo_header:
+                    headers[slo_header] = req.slo.name
                 due = req.arrival * time_scale
-                out = Outcome(req.id, req.origin, req.arrival, req.prompt_tokens, req.max_output_tokens, due)
+                out = Outcome(req.id, req.origin, req.arrival, req.prompt_tokens, req.max_output_tokens, due,
+                              slo=req.slo)
                 outcomes.append(out)
                 # the loop's timers may fire up to a millisecond early (uvloop rounds to ms): sleep again
                 while (delay := t0 + due - perf()) > 0:
@@ -512,6 +586,8 @@ class BenchResult:
         wall_s: wall seconds from the first due time to the last answer.
         prefix: ``(queried, hit)`` prefix-cache tokens of the replicas during the run, if scraped.
         target_desc: ``{region: URL}`` the requests went to (``"*"`` for a single target).
+        slo_classes: the scenario's SLO class names, in catalog order (``slo`` keys; classes that
+            only the outcomes name follow in order of appearance).
     """
 
     label: str
@@ -523,6 +599,7 @@ class BenchResult:
     wall_s: float
     prefix: tuple[float, float] | None = None
     target_desc: dict[str, str] = field(default_factory=dict)
+    slo_classes: tuple[str, ...] = ()
 
     def _arr(self, outs: Sequence[Outcome], attr: str) -> np.ndarray:
         return np.fromiter((getattr(o, attr) for o in outs), dtype=np.float64, count=len(outs))
@@ -551,6 +628,7 @@ class BenchResult:
         return {
             "requests": len(outs),
             "completed": n,
+            "rejected": sum(1 for o in outs if o.rejected is not None),
             "errors": sum(1 for o in outs if o.error is not None),
             "timeouts": sum(1 for o in outs if o.timed_out),
             "ttft_s": percentiles(ttft),
@@ -575,10 +653,14 @@ class BenchResult:
         their origin, over those that carry the header; ``None`` when none does, e.g. straight to an
         engine), ``per_region`` (by origin region: ``requests``, ``completed``, ``errors``,
         ``timeouts``, ``ttft_s``, ``tpot_s``, ``e2e_s``, ``itl_s``, ``throughput_rps``,
-        ``output_tokens_per_s``, ``cross_region_share``). Not measured by a client, so absent:
-        ``queue_s``, ``bound_ttft_s``, ``regret``, ``preemptions``, ``rejected``.
+        ``output_tokens_per_s``, ``cross_region_share``), ``rejected`` (answered 429 with a code of
+        :data:`REJECT_CODES`; also per region), and, when the requests have SLO classes, ``slo``
+        (:meth:`slo_summary`). Not measured by a client, so absent: ``queue_s``, ``bound_ttft_s``,
+        ``regret``, ``preemptions``, ``estimator``, ``cost``.
 
-        Bench-only: ``errors`` (failed, timeouts excluded), ``timeouts``, ``error_kinds``
+        Bench-only: ``errors`` (failed, timeouts and rejections excluded), ``timeouts``,
+        ``rejections`` (``{reject code: count}``), ``rejection_examples`` (``{reject code: [up to
+        3 distinct messages]}``, the reasons the router gave), ``error_kinds``
         (``{"connect" | "disconnect" | "status 503" | "error event" | "incomplete" | "timeout" | ...:
         count}``), ``itl_s`` (inter-token latencies, scenario seconds), ``send_lag_s`` (due -> sent,
         *wall* seconds, all requests, with ``max``), ``served_by`` (``{x-isthmus-target: count}``,
@@ -595,7 +677,15 @@ class BenchResult:
         finite = lags[np.isfinite(lags)]
         lag["max"] = float(finite.max()) if finite.size else math.nan
         out["send_lag_s"] = lag
-        out["error_kinds"] = dict(sorted(Counter(_error_kind(o) for o in outs if not o.completed).items()))
+        out["error_kinds"] = dict(sorted(Counter(_error_kind(o) for o in outs if o.failed).items()))
+        out["rejections"] = dict(sorted(Counter(o.rejected for o in outs if o.rejected is not None).items()))
+        examples: dict[str, list[str]] = {}
+        for o in outs:
+            if o.rejected is not None:
+                seen = examples.setdefault(o.rejected, [])
+                if len(seen) < 3 and o.reject_reason is not None and o.reject_reason not in seen:
+                    seen.append(o.reject_reason)
+        out["rejection_examples"] = dict(sorted(examples.items()))
         ok = [o for o in outs if o.completed]
         out["served_by"] = dict(sorted(Counter(o.target or UNKNOWN for o in ok).items()))
         out["served_regions"] = dict(sorted(Counter(o.region or UNKNOWN for o in ok).items()))
@@ -603,6 +693,59 @@ class BenchResult:
         out["time_scale"] = self.time_scale
         out["wall_s"] = self.wall_s
         out["per_region"] = {r: self._summary([o for o in outs if o.origin == r]) for r in self.regions}
+        slo = self.slo_summary()
+        if slo is not None:
+            out["slo"] = slo
+        return out
+
+    def slo_summary(self) -> dict[str, Any] | None:
+        """SLO attainment per class, as :meth:`isthmus.sim.metrics.SimResult.slo_summary` computes it
+        for a simulation (the same function, over the client-measured latencies in scenario seconds),
+        plus the requests that failed; ``None`` when no request has a class.
+
+        Per class and over all classes: ``requests`` (sent: completed + rejected + failed),
+        ``completed``, ``rejected`` and ``rejections`` (by code), ``failed`` (errors and timeouts:
+        a client-side figure the simulator does not have), ``attained`` (completed within every
+        target), ``attainment`` (attained / requests: a rejected or failed request misses),
+        ``goodput_rps`` (attained per scenario second, first arrival to last completion); per
+        class also ``ttft_s``, ``tpot_s``, ``e2e_s`` of its completed requests.
+        """
+        outs = self.outcomes
+        names = list(self.slo_classes)
+        for o in outs:
+            name = o.slo_class
+            if name is not None and name not in names:
+                names.append(name)
+        if not names:
+            return None
+        index = {name: k for k, name in enumerate(names)}
+        s = self.time_scale
+        ok = [o for o in outs if o.completed]
+        n = len(ok)
+        ttft = self._arr(ok, "ttft_s") / s
+        rejections: dict[str, dict[str, int]] = {}
+        for o in outs:
+            if o.rejected is not None:
+                by_code = rejections.setdefault(o.slo_class or "", {})
+                by_code[o.rejected] = by_code.get(o.rejected, 0) + 1
+        nan = np.full(n, math.nan)
+        none = np.zeros(n, dtype=np.int32)
+        tokens = np.fromiter((o.output_tokens for o in ok), dtype=np.int64, count=n)
+        result = SimResult(
+            policy=self.label, regions=self.regions, requests=len(outs), completed=n, events=0, wall_s=self.wall_s,
+            sim_span_s=0.0, arrival_s=self._arr(ok, "arrival_s"), ttft_s=ttft, e2e_s=self._arr(ok, "e2e_s") / s,
+            tpot_s=np.fromiter((o.tpot_s() for o in ok), dtype=np.float64, count=n) / s, queue_s=nan,
+            finish_s=self._arr(ok, "end_s") / s, bound_ttft_s=nan, hops=none, origin=none, served=none,
+            prompt_tokens=np.fromiter((o.prompt_tokens for o in ok), dtype=np.int64, count=n),
+            cached_tokens=np.zeros(n, dtype=np.int64), output_tokens=tokens,
+            rejected=sum(1 for o in outs if o.rejected is not None), slo_classes=tuple(names),
+            slo_class=np.fromiter((index.get(o.slo_class or "", -1) for o in ok), dtype=np.int32, count=n),
+            slo_met=np.fromiter((o.slo_met(s) for o in ok), dtype=bool, count=n), rejections=rejections)
+        out = result.slo_summary()
+        failed = Counter(o.slo_class for o in outs if o.failed and o.slo_class is not None)
+        for name, c in out["classes"].items():
+            _count_failed(c, failed.get(name, 0))
+        _count_failed(out, sum(failed.values()))
         return out
 
     def record(self) -> dict[str, Any]:
@@ -615,6 +758,13 @@ class BenchResult:
         doc = build_report(self.scenario, self.seed, [self.record()])
         doc["bench"] = {"time_scale": self.time_scale, "targets": dict(self.target_desc), "wall_s": self.wall_s}
         return doc
+
+
+def _count_failed(entry: dict[str, Any], failed: int) -> None:
+    """Add ``failed`` requests (misses) to an entry of :meth:`SimResult.slo_summary`."""
+    entry["failed"] = failed
+    entry["requests"] += failed
+    entry["attainment"] = entry["attained"] / entry["requests"] if entry["requests"] else math.nan
 
 
 # ----------------------------------------------------------------------------------------- one call
@@ -665,6 +815,9 @@ def run_bench(scenario: Scenario | str | Path, manifest: Manifest | Mapping[str,
               progress: Callable[[int], None] | None = None,
               requests: Iterable[Request] | None = None) -> BenchResult:
     """Replay a scenario's workload against a testbed (``manifest``) or one ``target`` URL.
+
+    Requests with an SLO class (the scenario's ``slo`` block) carry it in ``x-slo-class``; the
+    result then reports attainment per class (:meth:`BenchResult.slo_summary`).
 
     Args:
         scenario: a :class:`~isthmus.sim.scenario.Scenario` or its YAML path (workload, origins).
@@ -719,6 +872,8 @@ def run_bench(scenario: Scenario | str | Path, manifest: Manifest | Mapping[str,
     targets.check(r for r in regions if weights is None or weights.get(r, 0) > 0)
     build = prompt if prompt is not None else PromptBuilder(block_size=sc.config.workload.block_size)
     reqs: Iterable[Request] = sc.requests(run_seed) if requests is None else requests
+    slo = sc.config.slo
+    slo_classes = tuple(c.name for c in slo.classes) if slo is not None else ()
     done = 0
 
     def on_done(_: Outcome) -> None:
@@ -734,7 +889,8 @@ def run_bench(scenario: Scenario | str | Path, manifest: Manifest | Mapping[str,
         after = await scrape_prefix_counters(metrics_urls) if before is not None else None
         prefix = (after[0] - before[0], after[1] - before[1]) if before is not None and after is not None else None
         return BenchResult(label=label or "bench", scenario=sc.name, seed=run_seed, regions=regions,
-                           time_scale=scale, outcomes=outcomes, wall_s=wall, prefix=prefix, target_desc=desc)
+                           time_scale=scale, outcomes=outcomes, wall_s=wall, prefix=prefix, target_desc=desc,
+                           slo_classes=slo_classes)
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(main())

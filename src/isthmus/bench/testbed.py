@@ -27,6 +27,17 @@ in modelled seconds (the policy's ``sync_period_s`` and ``recheck_s``) are multi
 routers' timeouts (idle, total, held-request wait) and concurrency limit are lifted, as the
 simulator has none: a long queue shows as latency, not as 504 / 503 / 429 answers.
 
+SLOs and money. The routers also get what the simulator's policies see of them
+(:meth:`Testbed.router_config`): the scenario's SLO classes (``slo``: ``classes``, ``default``,
+``by_model``; ``shares`` and ``per_session`` only shape the workload, whose requests name their
+class in the ``x-slo-class`` header), each target in milliseconds times ``time_scale`` (the
+routers measure wall time); the topology's prices (``regions.gpu_usd_per_hour``,
+``egress_usd_per_gb``, ``bytes_per_token``) when it has any; the order of held requests and its
+starvation limit (``limits.queue``: the policy's router set-up, resolved as the simulator resolves
+it; ``limits.max_hold_s`` times ``time_scale``); and per replica the engine's ``max_num_seqs`` and
+``priority: true``: the engine doubles order their waiting queues by the body's ``priority``, so a
+decision's priority reaches them as it reaches the simulated engines.
+
 Time: ``time_scale`` is wall seconds per modelled second, as for ``isthmus emulate``: 0.1 runs
 engines and network 10x faster than real; a modelled 183 ms RTT becomes 18.3 ms.
 
@@ -50,6 +61,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import http.client
 import json
 import math
@@ -62,7 +74,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -70,7 +82,9 @@ from typing import IO, Any, Literal
 
 import yaml
 
+from isthmus.bench.loadgen import SLO_HEADER
 from isthmus.bench.relay import RelayHandle, RelayProcess
+from isthmus.configfile import model_name
 from isthmus.core.errors import IsthmusError
 from isthmus.core.instance import InstanceSpec
 from isthmus.sim.scenario import Scenario, load_scenario
@@ -240,6 +254,7 @@ class Testbed:
         self._relay_rows: list[dict[str, Any]] = []
         self._stopped = False
         self._plans = self._plan_routers()
+        self._slo_block = self._router_slo()
 
     # ------------------------------------------------------------------ planning
     def _plan_routers(self) -> list[_RouterPlan]:
@@ -250,6 +265,37 @@ class Testbed:
         with_replicas = [r for r in self.regions if any(i.region == r for i in self.instances)]
         return [_RouterPlan(r, tuple(i for i in self.instances if i.region == r),
                             tuple(p for p in with_replicas if p != r)) for r in with_replicas]
+
+    def _router_slo(self) -> dict[str, Any] | None:
+        """The routers' ``slo`` block: the scenario's classes, targets scaled to wall milliseconds, and
+        its ``by_model`` entries for the models this testbed serves (under the served model name)."""
+        slo = self.scenario.config.slo
+        if slo is None:
+            return None
+        ts = self.time_scale
+        classes: list[dict[str, Any]] = []
+        for c in slo.classes:
+            entry: dict[str, Any] = {"name": c.name}
+            for key in ("ttft_ms", "tpot_ms", "e2e_ms"):
+                value = getattr(c, key)
+                if value is not None:
+                    entry[key] = value * ts
+            entry["priority"] = c.priority
+            classes.append(entry)
+        served = self.served_model_name
+        models = {served, *(i.model for i in self.instances)}
+        by_model: dict[str, str] = {}
+        for model, name in slo.by_model.items():
+            try:
+                canonical = model_name(model)
+            except ValueError:
+                canonical = model
+            if model not in models and canonical not in models:
+                continue  # a model no replica of this testbed serves: no request can carry it
+            if by_model.setdefault(served, name) != name:
+                raise TestbedError(f"slo.by_model maps the models of this testbed to two classes "
+                                   f"({by_model[served]!r} and {name!r}); its replicas all serve {served!r}")
+        return {"classes": classes, "default": slo.default, "by_model": by_model}
 
     def entry_router_region(self, client_region: str) -> str:
         """The region of the router a client in ``client_region`` sends to."""
@@ -354,8 +400,23 @@ class Testbed:
                                  "one_way_ms": delay * 1000.0, "key": key})
         return handle
 
-    def _router_config(self, plan: _RouterPlan, replica_urls: dict[tuple[str, str], str],
-                       peer_urls: dict[tuple[str, str], str]) -> dict[str, Any]:
+    def router_config(self, region: str, replica_urls: Mapping[str, str],
+                      peer_urls: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The configuration (as YAML data) of the router in ``region``, as :meth:`start` writes it:
+        its replicas reached at ``replica_urls`` (replica id -> URL; the relays in a running testbed)
+        and, in regional mode, its peers at ``peer_urls`` (region -> URL). Modelled durations are
+        scaled by ``time_scale`` (module docstring).
+
+        Raises:
+            TestbedError: ``region`` has no router, or a URL is missing.
+        """
+        plan = next((p for p in self._plans if p.region == region), None)
+        if plan is None:
+            raise TestbedError(f"no router in region {region!r}; routers: {[p.region for p in self._plans]}")
+        peers = peer_urls or {}
+        missing = [i.id for i in plan.replicas if i.id not in replica_urls] + [p for p in plan.peers if p not in peers]
+        if missing:
+            raise TestbedError(f"router {region}: no URL for {missing}")
         ts = self.time_scale
         rtt_ms: dict[str, dict[str, float]] = {}
         for i, a in enumerate(self.regions):
@@ -364,15 +425,21 @@ class Testbed:
         max_rtt = float(self.topology.rtt_s.max()) * ts
         rs = self.router_setup
         pc = self.scenario.policy_config(self.policy)
+        topo = self.scenario.config.topology
+        regions: dict[str, Any] = {"rtt_ms": rtt_ms, "intra_region_rtt_ms": topo.intra_region_rtt_ms * ts,
+                                   "measure": self.measure_rtt}
+        if topo.gpu_usd_per_hour or topo.egress_usd_per_gb:
+            regions["gpu_usd_per_hour"] = dict(topo.gpu_usd_per_hour)
+            regions["egress_usd_per_gb"] = {a: dict(row) for a, row in (topo.egress_usd_per_gb or {}).items()}
+            regions["bytes_per_token"] = topo.bytes_per_token
         data: dict[str, Any] = {
             "listen": {"host": self.host, "port": 0},
             "region": plan.region,
             "mode": self.mode,
-            "regions": {"rtt_ms": rtt_ms,
-                        "intra_region_rtt_ms": self.scenario.config.topology.intra_region_rtt_ms * ts,
-                        "measure": self.measure_rtt},
-            "replicas": [{"url": replica_urls[(plan.region, i.id)], "region": i.region, "id": i.id, "gpu": i.gpu,
-                          "model": i.model, **({"num_kv_blocks": i.num_kv_blocks} if i.num_kv_blocks else {})}
+            "regions": regions,
+            "replicas": [{"url": replica_urls[i.id], "region": i.region, "id": i.id, "gpu": i.gpu, "model": i.model,
+                          **({"num_kv_blocks": i.num_kv_blocks} if i.num_kv_blocks else {}),
+                          "max_num_seqs": i.max_num_seqs, "priority": True}
                          for i in plan.replicas],
             "policy": {"name": pc.name, "params": dict(pc.params),
                        "seed": self.seed + (self.regions.index(plan.region) if self.mode == "regional" else 0)},
@@ -385,11 +452,14 @@ class Testbed:
             # the simulator has no timeouts or admission limits: a replica queue minutes long
             # (prefix_trie on gorgo_v1) must show as latency, not as 504s and 503s (wall seconds)
             "timeouts": {"idle_s": _NO_LIMIT_S, "total_s": _NO_LIMIT_S},
-            "limits": {"queue_wait_s": _NO_LIMIT_S, "max_concurrent": 1 << 20},
+            "limits": {"queue_wait_s": _NO_LIMIT_S, "max_concurrent": 1 << 20, "queue": rs.queue,
+                       "max_hold_s": rs.max_hold_s * ts},
             "log_level": "warning",  # a line per request costs router CPU the other routers do not pay
         }
+        if self._slo_block is not None:
+            data["slo"] = copy.deepcopy(self._slo_block)
         if self.mode == "regional":
-            data["peers"] = [{"region": p, "url": peer_urls[(plan.region, p)]} for p in plan.peers]
+            data["peers"] = [{"region": p, "url": peers[p]} for p in plan.peers]
             data["sync_period_s"] = rs.sync_period_s * ts
         return data
 
@@ -455,7 +525,9 @@ class Testbed:
         else:
             for plan in self._plans:
                 path = self.log_dir / f"router-{plan.region}.yaml"
-                path.write_text(yaml.safe_dump(self._router_config(plan, replica_urls, peer_urls), sort_keys=False))
+                config = self.router_config(plan.region, {i.id: replica_urls[(plan.region, i.id)] for i in plan.replicas},
+                                            {p: peer_urls[(plan.region, p)] for p in plan.peers})
+                path.write_text(yaml.safe_dump(config, sort_keys=False))
                 routers[plan.region] = self._spawn("router", f"router-{plan.region}", _python_cli("serve", str(path)))
             self._wait_ports(list(routers.values()), _ROUTER_READY, deadline)
         assert st.relays is not None
@@ -520,7 +592,8 @@ class Testbed:
         """The manifest: ``{"scenario", "policy", "mode", "time_scale", "model", "entry": {region: url},
         "routers": [{"region", "url", "pid"}], "replicas": [{"id", "region", "gpu", "url", "pid"}],
         "relays": [{"from", "to", "listen", "upstream", "one_way_ms"}], "origin_header", "router",
-        "logs", "startup_s"}``. Replica URLs are the engines' own (no relay: for inspection); clients
+        "slo": {"header", "classes": [name]} | null, "logs", "startup_s"}``; ``slo`` says which
+        header names a request's SLO class and which classes the routers know. Replica URLs are the engines' own (no relay: for inspection); clients
         use ``entry``. ``one_way_ms`` is the wall-clock delay the relay adds each way."""
         return {
             "scenario": self.scenario.name,
@@ -531,6 +604,8 @@ class Testbed:
             "entry": dict(entry),
             "origin_header": ORIGIN_HEADER,
             "router": self.router_kind,
+            "slo": ({"header": SLO_HEADER, "classes": [c["name"] for c in self._slo_block["classes"]]}
+                    if self._slo_block is not None else None),
             "routers": [{"region": r, "url": f"http://{self.host}:{c.port}", "pid": c.pid}
                         for r, c in routers.items()],
             "replicas": [{"id": s.id, "region": s.region, "gpu": s.gpu, "model": s.model,
@@ -610,4 +685,4 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-__all__ = ["ORIGIN_HEADER", "Testbed", "TestbedError", "sigterm_raises"]
+__all__ = ["ORIGIN_HEADER", "SLO_HEADER", "Testbed", "TestbedError", "sigterm_raises"]

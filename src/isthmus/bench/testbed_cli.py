@@ -112,9 +112,12 @@ def _tables(m: dict[str, Any]) -> Any:
     from rich.table import Table
 
     url_col: dict[str, Any] = {"no_wrap": True, "min_width": 22}
+    slo = m.get("slo")
+    slo_note = (f"; SLO class C in header {slo['header']}: C (classes: {', '.join(slo['classes'])})"
+                if isinstance(slo, dict) else "")
     t = Table(title=f"isthmus testbed: {m['scenario']} / {m['policy']} ({m['mode']}, time scale {m['time_scale']:g})",
               caption=f"clients in region R: POST <entry R>/v1/... with model {m['model']!r} and header "
-                      f"{m['origin_header']}: R")
+                      f"{m['origin_header']}: R{slo_note}")
     t.add_column("what")
     t.add_column("region")
     t.add_column("id")

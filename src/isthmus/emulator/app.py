@@ -285,7 +285,7 @@ class EmulatorApp:
             return json_response(error_body(status, f"injected failure ({status})"), status)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         outputs = self.filler.draw(params.max_tokens, params.prompt_ids, params.seed)
-        gen = Generation(rid, params.prompt_ids, outputs, received)
+        gen = Generation(rid, params.prompt_ids, outputs, received, priority=params.priority)
         try:
             self.engine.submit(gen)
         except ValueError as exc:

@@ -39,12 +39,15 @@ class Generation:
     ``output_ids`` are drawn up front (the request generates exactly ``len(output_ids)`` tokens);
     the engine advances ``produced`` and sets ``changed`` whenever it does, or when the request ends
     (``done``; ``error`` says why if it did not finish normally). Times are ``time.monotonic``.
+    ``priority`` orders the replica's waiting queue: lower first, arrival order within one value
+    (vLLM's priority scheduling; 0 is the normal priority).
     """
 
     id: str
     prompt_ids: Sequence[int]
     output_ids: list[int]
     received_at: float
+    priority: int = 0
     produced: int = 0
     done: bool = False
     error: str | None = None
@@ -110,7 +113,7 @@ class EngineDouble:
             raise ValueError(f"request id {gen.id} is already in use")
         hashes = hash_token_blocks(gen.prompt_ids, self.block_size)
         req = Request(gen.id, self.model_now(), "local", len(gen.prompt_ids), hashes, len(gen.output_ids))
-        self.replica.add_request(req, req.arrival)
+        self.replica.add_request(req, req.arrival, gen.priority)
         self._gens[gen.id] = gen
         if self._watcher is not None:
             self._watcher.register(gen.id, gen.prompt_ids, hashes)

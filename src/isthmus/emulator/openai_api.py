@@ -10,7 +10,9 @@ list of either; ``/v1/chat/completions`` takes ``messages``, rendered to one pro
 model; any other name is a 404), ``stream``, ``stream_options`` (``include_usage``,
 ``continuous_usage_stats``; only with ``stream: true``), ``n`` (1 only), ``seed`` (seeds the
 generated text) and the output length: ``max_tokens`` (completions: default 16, as vLLM) or
-``max_completion_tokens`` / ``max_tokens`` (chat: default all the context left). The engine
+``max_completion_tokens`` / ``max_tokens`` (chat: default all the context left) and ``priority``
+(vLLM's, an integer, default 0: the engine's waiting queue admits lower values first, arrival order
+within one value; a non-integer is a 400 naming the field). The engine
 generates exactly that many tokens (vLLM with ``ignore_eos``: the filler text has no
 end-of-sequence); ``finish_reason`` is therefore always ``"length"``. A prompt that fills the
 context, or a prompt plus ``max_tokens`` beyond ``max_model_len``, is a 400 with vLLM's message, as
@@ -87,6 +89,7 @@ class GenerationParams:
         include_usage: end the stream with a usage chunk.
         continuous_usage: put the running usage in every chunk.
         seed: the request's ``seed``, if any.
+        priority: scheduling priority, lower first (vLLM's convention; 0 unless the body gives one).
     """
 
     chat: bool
@@ -96,6 +99,7 @@ class GenerationParams:
     include_usage: bool
     continuous_usage: bool
     seed: int | None
+    priority: int = 0
 
 
 def _opt_int(data: Mapping[str, Any], key: str) -> int | None:
@@ -144,6 +148,7 @@ def parse_generation(data: Any, *, chat: bool, served_model: str, tokenizer: Tok
         include_usage = _opt_bool(options, "include_usage")
         continuous = _opt_bool(options, "continuous_usage_stats")
     seed = _opt_int(data, "seed")
+    priority = _opt_int(data, "priority")
 
     if chat:
         try:
@@ -178,7 +183,8 @@ def parse_generation(data: Any, *, chat: bool, served_model: str, tokenizer: Tok
                             f"{p + max_tokens} tokens ({p} in the messages, {max_tokens} in the completion). "
                             "Please reduce the length of the messages or completion.", key)
     return GenerationParams(chat=chat, prompt_ids=prompt_ids, max_tokens=max_tokens, stream=stream,
-                            include_usage=include_usage, continuous_usage=continuous, seed=seed)
+                            include_usage=include_usage, continuous_usage=continuous, seed=seed,
+                            priority=0 if priority is None else priority)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
