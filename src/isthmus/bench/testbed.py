@@ -448,6 +448,7 @@ class Testbed:
             "scrape_period_s": min(0.1, max(0.02, 0.1 * ts)),
             "recheck_s": rs.recheck_s * ts,
             "block_size": plan.replicas[0].block_size,
+            "profile_time_scale": ts,  # the engine doubles run their profiles ts times as fast
             "drain_s": 2.0,
             # the simulator has no timeouts or admission limits: a replica queue minutes long
             # (prefix_trie on gorgo_v1) must show as latency, not as 504s and 503s (wall seconds)

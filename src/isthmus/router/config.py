@@ -37,6 +37,8 @@ Annotated example (every default shown)::
     sync_period_s: null            # regional: peer polling period; null = the policy's, else 1 s
     recheck_s: null                # held requests are re-decided this often; null = the policy's, else 20 ms
     block_size: 16                 # tokens per KV block for prompt block hashes
+    profile_time_scale: 1.0        # x every profile time the router uses (prefill per token, decode
+                                   # step): an engine double's --time-scale, for engines faster than their profile
     tokenizer: null                # a HuggingFace tokenizer.json (or its directory; relative to this
                                    # file's directory); null = the built-in byte-chunk tokenizer
     drain_s: 30.0                  # graceful-shutdown window for in-flight requests
@@ -455,6 +457,7 @@ class RouterConfig(_Frozen):
     sync_period_s: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     recheck_s: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
     block_size: int = Field(default=16, ge=1)
+    profile_time_scale: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
     tokenizer: Path | None = None
     drain_s: float = Field(default=30.0, ge=0.0, allow_inf_nan=False)
     api_keys: tuple[SecretStr, ...] = ()
