@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,plot,serve,tokenizer,learn]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,plot,serve,tokenizer,learn,place]'
 	touch $(STAMP)
 
 # the live demo: a three-region testbed on this machine, gorgo_proxy and least_load over real HTTP,

@@ -45,6 +45,7 @@ def build_app() -> typer.Typer:
     from isthmus.bench.compare_cli import compare
     from isthmus.bench.testbed_cli import testbed
     from isthmus.emulator.cli import emulate
+    from isthmus.place.cli import place
     from isthmus.router.cli import serve
 
     app.command()(emulate)
@@ -52,6 +53,7 @@ def build_app() -> typer.Typer:
     app.command()(testbed)
     app.command()(bench)
     app.command()(compare)
+    app.command()(place)
     return app
 
 
