@@ -3,7 +3,7 @@
 For 3, 32 and 256 replicas spread over three regions (US-West, Germany, Israel; GORGO's RTTs, with
 Germany-Israel assumed at 60 ms), each policy decides a stream of 8,192-token prompts (512 block
 hashes of 16 tokens) against snapshots whose prefix view is a real
-:class:`~isthmus.core.snapshot.PrefixIndex` (the router's LRU mirror) filled the way a serving
+:class:`~isthmus.core.prefix_index.PrefixIndex` (the router's LRU mirror) filled the way a serving
 cluster would be:
 
 - 16 system prompts of 1,024 tokens (64 blocks); conversation ``c`` starts with system prompt
@@ -25,7 +25,12 @@ each policy's ``own`` time, ``choose`` over the same snapshots whose prefix view
 table computed beforehand (same answers, one dict lookup).
 
 Reported per (policy, replicas): p50, p99 and mean microseconds over ``--iterations`` calls after a
-warm-up, with and without the prefix lookup. Target: p99 < 100 us at 32 replicas for the heuristic
+warm-up, with and without the prefix lookup.
+
+The router also records every routed prompt in its mirror (``PrefixIndex.record``, once per request):
+``record`` is timed on a full mirror (4 replicas x 30,000 blocks, filled past capacity first, so
+every new block evicts one), for prompts of 32, 128 and 512 blocks, half of them continuing an
+earlier prompt (its cached part moves to the recent end), half new. Target: p99 < 100 us at 32 replicas for the heuristic
 policies.
 
 ``lodestar`` runs with a trained model (the paper's 3 x 128 MLP, fitted before timing on feature
@@ -195,6 +200,40 @@ def trained_lodestar(seed: int) -> LodestarPolicy:
     return policy
 
 
+RECORD_PROMPT_BLOCKS = (32, 128, 512)
+
+
+def record_times(iterations: int, seed: int) -> dict[int, np.ndarray]:
+    """Nanoseconds of ``PrefixIndex.record`` calls on a full mirror, per prompt length (module docstring)."""
+    rng = np.random.default_rng(seed)
+    ids = [f"r{i}" for i in range(4)]
+    index = PrefixIndex(dict.fromkeys(ids, KV_BLOCKS_PER_REPLICA))
+
+    def fresh(n: int) -> tuple[int, ...]:
+        return tuple(rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64).tolist())
+
+    for k in range(int(len(ids) * KV_BLOCKS_PER_REPLICA * 1.2) // PROMPT_BLOCKS + 1):
+        index.record(ids[k % len(ids)], fresh(PROMPT_BLOCKS))
+    out: dict[int, np.ndarray] = {}
+    perf = time.perf_counter_ns
+    for blocks in RECORD_PROMPT_BLOCKS:
+        prompts: list[tuple[int, ...]] = []
+        for _ in range(iterations):
+            if prompts and rng.random() < 0.5:  # continue the previous prompt: its first part is cached
+                keep = prompts[-1][:int(rng.integers(blocks // 2, blocks + 1))]
+                prompts.append(keep + fresh(blocks - len(keep)))
+            else:
+                prompts.append(fresh(blocks))
+        times = np.empty(iterations, dtype=np.int64)
+        gc.collect()
+        for i, prompt in enumerate(prompts):
+            t0 = perf()
+            index.record(ids[i % len(ids)], prompt)
+            times[i] = perf() - t0
+        out[blocks] = times
+    return out
+
+
 def figures(ns: np.ndarray) -> dict[str, float]:
     us = ns / 1000.0
     return {"p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99)),
@@ -255,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
                          **{f"own_{k}": v for k, v in own.items()}})
             print(f"{name:<18}{fig['p50_us']:>9.1f}{fig['p99_us']:>9.1f}{fig['mean_us']:>9.1f}"
                   f"{own['p50_us']:>10.1f}{own['p99_us']:>10.1f}")
+    print(f"\nrecord() on a full mirror (4 replicas x {KV_BLOCKS_PER_REPLICA:,} blocks), microseconds")
+    print(f"{'prompt blocks':<18}{'p50':>9}{'p99':>9}{'mean':>9}")
+    record_rows: list[dict[str, Any]] = []
+    for blocks, ns in record_times(args.iterations, args.seed).items():
+        fig = figures(ns)
+        record_rows.append({"prompt_blocks": blocks, "iterations": args.iterations, **fig})
+        print(f"{blocks:<18}{fig['p50_us']:>9.1f}{fig['p99_us']:>9.1f}{fig['mean_us']:>9.1f}")
     met = None
     if p99_at_32:
         worst = max(p99_at_32, key=lambda k: p99_at_32[k])
@@ -284,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "decision", "prompt_tokens": PROMPT_BLOCKS * BLOCK, "block_hashes": PROMPT_BLOCKS,
             "sizes": sizes, "iterations": args.iterations, "seed": args.seed,
             "target_p99_us_at_32": TARGET_P99_US_AT_32, "target_met": met, "results": rows,
+            "record": {"replicas": 4, "blocks_per_replica": KV_BLOCKS_PER_REPLICA, "results": record_rows},
             "lodestar": {"target_p99_us_at_32": LODESTAR_TARGET_P99_US_AT_32, "target_met": lodestar_met,
                          "results": lodestar_rows},
             "python": sys.version.split()[0], "machine": platform.machine(),

@@ -38,10 +38,9 @@ Phases:
    until the block is removed; with ``router`` they carry the router's own chained hashes of the
    token ids (what ``isthmus emulate`` sends), and no translation is kept. ``--probes`` prompts per
    replica, spread from the first batch to the last, are real prompt texts: their token ids are the
-   router's tokenization of the text. Nothing in the router exposes the index size
-   (``/metrics`` has no KV-event or prefix counters, the subscribers' ``KvEventStats`` are not
-   exported; ``/isthmus/summary`` reports each replica's ``num_kv_blocks``, the mirror's capacity,
-   not its fill), so ingestion is checked by behaviour once the router's CPU is back to idle: each
+   router's tokenization of the text. The router exports the mirror's fill per replica
+   (``isthmus_router_prefix_blocks``) but no KV-event counters (the subscribers' ``KvEventStats``
+   are not exported), so ingestion is checked by behaviour once the router's CPU is back to idle: each
    probe prompt is sent through the router, one at a time, and must be routed to the replica whose
    events announced it (response header ``x-isthmus-target``; the policy's prefix term decides it),
    and the router's log must report no missed batches (sequence gaps) and no malformed messages.

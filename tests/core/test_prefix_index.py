@@ -164,7 +164,7 @@ def test_index_behaves_like_the_reference_in_batches(capacities, ops, queries, s
 @given(st.lists(st.integers(0, 4), min_size=1, max_size=3), st.lists(op, max_size=30), st.lists(tokens, max_size=3),
        st.integers(0, 2**32), st.booleans())
 def test_index_with_more_than_64_replicas_behaves_like_the_reference(capacities, ops, queries, seed, batches):
-    with mock.patch.object(prefix_index, "_ONE_BY_ONE", 0 if batches else 128):
+    with mock.patch.object(prefix_index, "_ONE_BY_ONE", 0 if batches else 96):
         run_against_reference(capacities, ops, queries, seed, wide=True)
 
 
@@ -174,7 +174,7 @@ def test_index_with_more_than_64_replicas_behaves_like_the_reference(capacities,
 def test_saturated_pass_over_counts_keep_lookups_right(capacities, ops, queries, seed, batches):
     # counts stop at 2 instead of 2**16 - 1 and then stay: lookups go further than needed, never wrong
     with mock.patch.object(prefix_index, "_SATURATED", 2), mock.patch.object(
-            prefix_index, "_ONE_BY_ONE", 0 if batches else 128), mock.patch.object(
+            prefix_index, "_ONE_BY_ONE", 0 if batches else 96), mock.patch.object(
             prefix_index, "_FEW_REMOVED", 0 if batches else 64):
         run_against_reference(capacities, ops, queries, seed)
 
@@ -186,7 +186,7 @@ def test_dense_tables_behave_like_the_reference(capacities, ops, queries, seed, 
     # tables 95 % full at capacity: keys often away from their home, probing often wrapping around
     with mock.patch.object(prefix_index, "_HOLDERS_LOAD", 0.95), mock.patch.object(
             prefix_index, "_LRU_LOAD", 0.95), mock.patch.object(
-            prefix_index, "_ONE_BY_ONE", 0 if batches else 128), mock.patch.object(
+            prefix_index, "_ONE_BY_ONE", 0 if batches else 96), mock.patch.object(
             prefix_index, "_FEW_REMOVED", 0 if batches else 64):
         run_against_reference(capacities, ops, queries, seed)
 
@@ -195,7 +195,7 @@ def random_prompt(rng: random.Random, n: int) -> list[int]:
     return [rng.getrandbits(64) - 2**63 for _ in range(n)]
 
 
-@pytest.mark.parametrize(("one_by_one", "others"), [(0, 0), (128, 0), (0, 67), (128, 67)])
+@pytest.mark.parametrize(("one_by_one", "others"), [(0, 0), (300, 0), (0, 67), (300, 67)])
 def test_long_prompts_and_turnover_against_the_reference(one_by_one, others):
     """Capacities of hundreds of blocks, prompts up to 300 blocks, continued or new: the ring logs
     wrap and get compacted, the tables churn (``others``: more replicas, beyond 64 in all)."""
@@ -240,7 +240,7 @@ def test_empty_prompts_and_capacity_zero_or_one():
 
 
 def test_a_block_repeated_in_a_prompt_takes_the_recency_of_its_first_position():
-    for one_by_one in (0, 128):
+    for one_by_one in (0, 96):
         with mock.patch.object(prefix_index, "_ONE_BY_ONE", one_by_one):
             index = PrefixIndex({"r": 2})
             index.record("r", [1, 2, 1])  # touched 1, 2, 1: block 1 the most recent

@@ -12,6 +12,8 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from router_harness import Emulator, config, emulators, free_port, replica, running_router, wait_until
 
 from isthmus.core.hashing import hash_token_blocks
@@ -212,3 +214,101 @@ def test_engine_names_stay_bounded_when_removals_are_missed() -> None:
         st.apply_kv_events(RID, [StoredBlocks((10_000 + k,), None, tuple(range(k, k + 16)), 16)])
     assert len(st._engine_names[RID]) <= 16
     assert st.matched_blocks(hash_token_blocks(list(range(99, 115)), 16), RID) == 1
+
+
+class ReferenceKvMirror:
+    """The router's handling of one replica's KV events, with dicts: engine names translated from the
+    run's token ids (a dict of at most ``bound`` names, trimmed oldest first at the end of a batch),
+    runs of a batch recorded last to first into an LRU of ``capacity`` blocks."""
+
+    def __init__(self, capacity: int, bound: int) -> None:
+        self.capacity, self.bound = capacity, bound
+        self.lru: dict[int, None] = {}
+        self.names: dict[int, int] = {}
+
+    def record(self, hashes: tuple[int, ...]) -> None:
+        for h in reversed(hashes):
+            self.lru.pop(h, None)
+            self.lru[h] = None
+        while len(self.lru) > self.capacity:
+            del self.lru[next(iter(self.lru))]
+
+    def apply(self, changes: list[Any]) -> None:
+        runs: list[tuple[int, ...]] = []
+        for c in changes:
+            if isinstance(c, StoredBlocks):
+                if c.token_ids:
+                    parent = 0x6973_7468_6D75_73 if c.parent_block_hash is None else \
+                        self.names.get(c.parent_block_hash, c.parent_block_hash)
+                    ours = hash_token_blocks(c.token_ids, 16, parent)
+                    self.names.update(zip(c.block_hashes, ours, strict=True))
+                    runs.append(ours)
+                else:
+                    runs.append(c.block_hashes)
+                continue
+            for run in reversed(runs):
+                self.record(run)
+            runs.clear()
+            if isinstance(c, RemovedBlocks):
+                for h in c.block_hashes:
+                    self.lru.pop(self.names.pop(h, h), None)
+            else:
+                self.lru.clear()
+                self.names.clear()
+        for run in reversed(runs):
+            self.record(run)
+        for h in list(self.names)[:max(0, len(self.names) - self.bound)]:
+            del self.names[h]
+
+    def matched(self, hashes: tuple[int, ...]) -> int:
+        n = 0
+        while n < len(hashes) and hashes[n] in self.lru:
+            n += 1
+        return n
+
+
+kv_call = st.lists(st.tuples(st.sampled_from(["store", "store", "store", "store_as_is", "remove", "remove", "clear"]),
+                             st.integers(0, 2**16), st.lists(st.integers(0, 2), min_size=1, max_size=3)),
+                   min_size=1, max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 6), st.lists(kv_call, max_size=12), st.lists(st.lists(st.integers(0, 2), max_size=6), max_size=4))
+def test_kv_events_apply_like_the_dict_reference(capacity: int, calls: list[Any], queries: list[list[int]]) -> None:
+    from isthmus.router.config import RouterConfig
+    from isthmus.router.state import ClusterState
+
+    cfg = RouterConfig.model_validate({
+        "region": "east", "models": ["m"], "policy": {"name": "prefix_trie"},
+        "replicas": [{"url": "http://h:1", "region": "east", "gpu": "A100", "model": "Mistral-7B",
+                      "num_kv_blocks": capacity}]})
+    state, ref = ClusterState(cfg, keep_prefix=True, clock=lambda: 0.0), ReferenceKvMirror(capacity, 2 * capacity)
+    prompts: dict[int, tuple[int, ...]] = {}  # engine name of a stored block -> the tokens up to its end
+    counter = 0
+    for call in calls:
+        changes: list[Any] = []
+        for kind, pick, toks in call:
+            known = sorted(prompts)
+            if kind in ("store", "store_as_is"):
+                parent = known[pick % len(known)] if known and pick % 3 else None
+                tokens = [*prompts.get(parent, ()), *(t for t in toks for _ in range(16))] if parent is not None \
+                    else [t for t in toks for _ in range(16)]
+                n = len(toks)
+                names = tuple(range(1000 + counter, 1000 + counter + n))
+                counter += n
+                for j, name in enumerate(names):
+                    prompts[name] = tuple(tokens[:len(tokens) - 16 * (n - 1 - j)])
+                new_tokens = tuple(tokens[-16 * n:])
+                changes.append(StoredBlocks(names, parent, new_tokens if kind == "store" else (), 16))
+            elif kind == "remove":  # one to three names the engine stored (or stored and then removed)
+                picked = [known[(pick >> 5 * t) % len(known)] for t in range(1 + pick % 3)] if known else [7]
+                changes.append(RemovedBlocks(tuple(dict.fromkeys(picked))))
+            else:
+                changes.append(ClearedBlocks())
+        state.apply_kv_events(RID, changes)
+        ref.apply(changes)
+        for q in queries:
+            hs = hash_token_blocks([t for t in q for _ in range(16)], 16)
+            assert state.matched_blocks(hs, RID) == ref.matched(hs)
+        assert state.mirror is not None and len(state.mirror) == len(ref.lru)
+        assert len(state._engine_names.get(RID, ())) == len(ref.names)

@@ -162,3 +162,14 @@ def test_bad_slo_config_names_the_field(tmp_path: Path, slo: dict[str, Any], whe
     path.write_text(yaml.safe_dump(config([replica("http://127.0.0.1:9")], slo=slo)))
     with pytest.raises(ConfigError, match=where.replace(".", r"\.")):
         load_config(path)
+
+
+def test_profile_time_scale_scales_the_profile_times_policies_see() -> None:
+    # engines that run their profiles faster (engine doubles with --time-scale) must be estimated so
+    with upstreams("a") as ups:
+        with running_router(slo_router(ups[0].url)) as rt:
+            full = rt.router.state.snapshot(rt.router.clock()).instances["east-0"]
+        with running_router(slo_router(ups[0].url, profile_time_scale=0.25)) as rt:
+            fast = rt.router.state.snapshot(rt.router.clock()).instances["east-0"]
+    assert fast.prefill_s_per_token == pytest.approx(full.prefill_s_per_token * 0.25)
+    assert fast.decode_step_s == pytest.approx(full.decode_step_s * 0.25)

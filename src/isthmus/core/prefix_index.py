@@ -9,37 +9,43 @@ Neither keeps a Python object per block. Every entry lives in numpy arrays alloc
 once, from the capacities, when the structure is built, so memory neither grows nor fragments while
 the contents turn over (nor creeps up as pages get touched for the first time).
 
-Keys. A block hash is any Python int; it is stored modulo 2**64 (negative hashes in two's
-complement), so ``h`` and ``h + 2**64`` name the same block. The router's own hashes (CPython's tuple
-hash, :mod:`isthmus.core.hashing`) are signed 64-bit ints, hence never merged; engine names that are
-sha256 digests read as ints keep their low 64 bits. No key value is reserved: a free slot is told by
-the value stored beside it, not by a sentinel key.
+Keys. A block hash is any Python int; it is stored modulo 2**64, as a signed 64-bit int, so ``h``
+and ``h + 2**64`` name the same block. The router's own hashes (CPython's tuple hash,
+:mod:`isthmus.core.hashing`) are signed 64-bit ints already, hence never merged; engine names that
+are sha256 digests read as ints keep their low 64 bits. No key value is reserved: a freed slot's key
+is set to 0 and the value beside it (a holders mask, a log position) tells a free slot from a live
+block whose hash is 0.
 
-Tables (``_Table``): open addressing with linear probing over a fixed number of slots. A key's home
-slot is ``(key * 0x9E3779B97F4A7C15 mod 2**64) mod size`` and the key sits in the first free slot
-from there. Each slot counts the entries that passed over it (stored after it, their home at or
-before it); a lookup stops at the first slot nobody passed over, so deletions leave no tombstones
-and lookups do not slow down under churn. Entries never move, so other structures point at them by
-slot. A batch of keys (a prompt's hashes) is looked up or inserted with a few numpy calls, eight
-slots per key at a time; a single key (the bisection of :meth:`PrefixIndex.match`) with plain Python
-on memoryviews, about as many steps as a dict lookup takes in C.
+Tables (``_Table``): open addressing with linear probing, over a prime number ``n`` of home groups
+of 1 or 8 slots. Each group counts the entries that passed it (stored after it, their home at or
+before it); a lookup stops at the end of the first group nobody passed, so deletions leave no
+tombstones and lookups do not slow down under churn. Entries never move, so other structures point
+at them by slot. The holders table has groups of one slot and homes ``(h mod n) * c mod n``, which
+Python computes on small ints: ``match`` probes it one key at a time, a bisection over the prompt,
+in plain Python on memoryviews. The other tables are bucketised (groups of 8, a key in any free slot
+of the first group from its home that has one), which keeps clusters short under churn.
 
-Order (``_Order``): an LRU or FIFO is a log of slots in the order their entries were (re)placed,
+Batches and single blocks. A batch of keys (a long prompt, a batch of KV events) is looked up,
+inserted or deleted with a few dozen numpy calls, eight slots per key at a time; short prompts (up
+to ``_ONE_BY_ONE`` blocks) and short removals are done a block at a time in plain Python over the
+same tables, which costs less than those calls.
+
+Order (``_Order``): an LRU or FIFO is a ring log of slots in the order their entries were (re)placed,
 plus each slot's position in it. Making an entry the most recent appends it again; its older log
-entry, whose position no longer matches, is skipped when the oldest are evicted. The log has room
-for 1/8 more than the capacity and is compacted (live entries moved to its front, in order) when it
-fills up.
+entry, whose position no longer matches, is skipped when the oldest are evicted. The ring has room
+for 1/4 more entries than the capacity and is compacted (live entries moved to its front, in order)
+when it fills up with stale ones.
 
 Memory of a :class:`PrefixIndex`, per (replica, block) entry once full:
 
-- the holders table, ``sum(capacities) / 0.7`` slots of key (8 B), holders bitmask (1, 2, 4 or 8 B
+- the holders table, ``sum(capacities) / 0.5`` slots of key (8 B), holders bitmask (1, 2, 4 or 8 B
   for up to 8, 16, 32 or 64 replicas; beyond, 8 B per 64 replicas and a 1 B used flag) and
-  pass-over count (2 B): 15.7 B per distinct block with up to 8 replicas, 25.7 B with up to 64;
-- per replica, ``capacity / 0.75`` slots of holders slot (4 B), log position (4 B) and pass-over
-  count (2 B), and the log (4 B x 9/8): 17.8 B.
+  pass-over count (2 B): 22 B per distinct block with up to 8 replicas, 36 B with up to 64;
+- per replica, ``capacity / 0.65`` slots of holders slot (4 B) and log position (4 B), a 2 B count
+  per 8 slots, and the ring log (4 B x 5/4): 17.7 B.
 
-That is 33.5 B per entry with up to 8 replicas, 43.5 B with up to 64, when no block is on two
-replicas (a block several replicas hold has one holders entry). :attr:`PrefixIndex.nbytes` is the
+That is 39.7 B per entry with up to 8 replicas (53.7 B with up to 64) when no block is on two
+replicas (a block several replicas hold has one holders entry); :attr:`PrefixIndex.nbytes` is the
 exact figure.
 """
 
@@ -62,7 +68,7 @@ _U32 = np.uint64(32)
 _WINDOW = 8  # slots a vectorised probe reads per key and round (8 bool bytes make one uint64)
 _OFFSETS = np.arange(_WINDOW, dtype=np.intp)
 _FEW = 8  # keys left after a vectorised round that plain Python finishes sooner than another round
-_ONE_BY_ONE = 128  # prompts up to this many blocks are recorded a block at a time, in plain Python
+_ONE_BY_ONE = 96  # prompts up to this many blocks are recorded a block at a time, in plain Python
 _WALK_ONE_BY_ONE = 32  # match (without nesting) looks this many blocks up one at a time before numpy
 _FEW_REMOVED = 8  # removals of up to this many blocks (and names) go one at a time, in plain Python
 _SATURATED = 0xFFFF  # a pass-over count stops here and stays (lookups then go further: correct, slower)
@@ -70,8 +76,7 @@ _ONE16 = np.uint16(1)  # (a Python int would send ufunc.at down its slow, castin
 _DETACHED = 0xFFFFFFFF  # the log position of an entry taken out of the log, about to be appended again
 _LAST_POSITION = 0xFFFFFFF0  # log positions (1-based) stay below this: the log is renumbered first
 
-_HOLDERS_LOAD = 0.5  # entries per slot at full capacity: the holders table (linear probing, which churn
-#   lengthens: 0.5 keeps half the keys in their home slot)
+_HOLDERS_LOAD = 0.5  # holders entries per slot at full capacity (under churn, half the keys stay home)
 _LRU_LOAD = 0.65  # a replica's LRU table (bucketised)
 _MAP_LOAD = 0.75  # a BoundedHashMap at its capacity (which a translation map seldom reaches)
 
@@ -604,7 +609,8 @@ class PrefixIndex:
     bisection per point where some replica drops out (one vectorised pass over the prompt once
     ``remove`` has broken the nesting).
 
-    Storage is fixed by the capacities (module docstring); hashes are taken modulo 2**64.
+    Storage is fixed by the capacities (module docstring: about 40 B per entry with up to 8
+    replicas); hashes are taken modulo 2**64. ``record`` and ``remove`` also take an int64 array.
     """
 
     def __init__(self, capacity_blocks: Mapping[str, int]) -> None:
@@ -761,15 +767,24 @@ class PrefixIndex:
                     masks[s] = bit
                 else:
                     masks[s] |= bit
-                k = s + 1  # a new LRU entry, in the first free slot from its home group
-                e = (k * lscale >> 32) << 3
-                while lkeys[e]:
-                    e += 1
-                    if not e & 7:
-                        if lover[(e >> 3) - 1] != _SATURATED:
-                            lover[(e >> 3) - 1] += 1
-                        if e == llen:
-                            e = 0
+                k = s + 1  # a new LRU entry: a free slot of its home group, looked for from an offset
+                g = (k * lscale >> 32) << 3
+                e = g | k & 7
+                if lkeys[e]:
+                    e = g | (e + 1) & 7
+                    while lkeys[e] and e != g | k & 7:
+                        e = g | (e + 1) & 7
+                    if lkeys[e]:  # the group is full: the first free slot after it, passing it over
+                        if lover[g >> 3] != _SATURATED:
+                            lover[g >> 3] += 1
+                        e = g + 8
+                        while lkeys[e]:
+                            e += 1
+                            if not e & 7:
+                                if lover[(e >> 3) - 1] != _SATURATED:
+                                    lover[(e >> 3) - 1] += 1
+                                if e == llen:
+                                    e = 0
                 lkeys[e] = k
                 count += 1
             if tail >= limit:
@@ -1006,7 +1021,8 @@ class BoundedHashMap:
     Keys are taken modulo 2**64, values are signed 64-bit ints. It behaves as a dict that
     :meth:`update` fills and then trims from its front: updating a key's value does not make it
     newer. Memory, allocated at construction: ``capacity / 0.75`` slots of key, value and log
-    position (20 B) and the log (4 B x 5/4), about 32 B per entry of capacity.
+    position (20 B), a 2 B count per 8 slots, and the ring log (4 B x 5/4): 32 B per entry of
+    capacity.
     """
 
     def __init__(self, capacity: int) -> None:

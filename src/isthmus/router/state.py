@@ -41,13 +41,13 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from itertools import islice
 from typing import Any
 
 import orjson
 
 from isthmus.core.hashing import ROOT_HASH, hash_token_blocks
 from isthmus.core.perf import PerfModel, builtin_perf_model
+from isthmus.core.prefix_index import BoundedHashMap
 from isthmus.core.slo import decode_step_estimate
 from isthmus.core.snapshot import ClusterSnapshot, InstanceView, NoPrefixInfo, PrefixIndex, PrefixIndexView
 from isthmus.kv_events import ClearedBlocks, KvChange, RemovedBlocks, StoredBlocks
@@ -72,7 +72,8 @@ class ReplicaState:
                  prefill_s_per_token: float = math.nan, capacity_blocks: int = 1, capacity_fixed: bool = False,
                  max_in_flight: int | None = None, auth: str | None = None, local: bool = True,
                  health: HealthTracker | None = None, ejector: Ejector | None = None, rtt_alpha: float = 0.3,
-                 started_at: float = 0.0, max_num_seqs: int = 0, perf: PerfModel | None = None) -> None:
+                 started_at: float = 0.0, max_num_seqs: int = 0, perf: PerfModel | None = None,
+                 profile_time_scale: float = 1.0) -> None:
         self.id = id
         self.region = region
         self.url = url
@@ -85,6 +86,7 @@ class ReplicaState:
         self.max_in_flight = max_in_flight
         self.max_num_seqs = max_num_seqs
         self.perf = perf  # its GPU x model profile: decode-step estimates for policies that ask
+        self.profile_time_scale = profile_time_scale
         self.auth = auth  # upstream Authorization header value; never logged
         self.local = local
         self.health = health if health is not None else HealthTracker()
@@ -201,7 +203,7 @@ class ReplicaState:
         age = now - self.scraped_at if self.scraped_at > -math.inf else now - self.started_at
         step = math.nan
         if decode_step and self.perf is not None:
-            step = decode_step_estimate(self.perf, running, self.streaming_tokens)
+            step = decode_step_estimate(self.perf, running, self.streaming_tokens) * self.profile_time_scale
         return InstanceView(
             id=self.id, region=self.region, gpu=self.gpu, running=running, waiting=waiting,
             running_tokens=self.streaming_tokens, queued_prefill_tokens=self.pending_tokens, kv_usage=kv,
@@ -316,7 +318,8 @@ class ClusterState:
             blocks = rc.num_kv_blocks or perf.num_kv_blocks(config.block_size)
             self.replicas[rid] = ReplicaState(
                 id=rid, region=rc.region, url=rc.url, gpu=rc.gpu, model=rc.model, engine=rc.engine,
-                prefill_s_per_token=perf.prefill_s_per_token(), capacity_blocks=blocks, capacity_fixed=fixed,
+                prefill_s_per_token=perf.prefill_s_per_token() * config.profile_time_scale,
+                profile_time_scale=config.profile_time_scale, capacity_blocks=blocks, capacity_fixed=fixed,
                 max_in_flight=rc.max_in_flight,
                 auth=f"Bearer {rc.api_key.get_secret_value()}" if rc.api_key is not None else None,
                 health=HealthTracker(h.unhealthy_after, h.healthy_after),
@@ -334,7 +337,7 @@ class ClusterState:
         self._intra_s = config.regions.intra_region_rtt_ms / 1000.0
         self._measure = config.regions.measure
         self.mirror: PrefixIndex | None = None
-        self._engine_names: dict[str, dict[int, int]] = {}  # per replica: engine block hash -> router hash
+        self._engine_names: dict[str, BoundedHashMap] = {}  # per replica: engine block hash -> router hash
         self._mirror_capacity = 1  # the largest replica's KV blocks (bounds the engine names kept)
         self.peer_mirror: PrefixIndex | None = None
         self._prefix: PrefixIndexView = NoPrefixInfo()
@@ -379,57 +382,67 @@ class ClusterState:
         """Apply one batch of ``replica_id``'s KV-cache events to the mirror, in order.
 
         Stored runs of the batch are recorded last to first, so that, as for a prompt the router
-        sends, earlier blocks end up the more recent. Nothing happens when the router keeps no
+        sends, earlier blocks end up the more recent (one ``record`` of the runs put end to end does
+        exactly that: it touches blocks last to first). Nothing happens when the router keeps no
         mirror or ``replica_id`` is not one of its own replicas. Never blocks.
         """
         mirror = self.mirror
         if mirror is None or not self.keep_prefix or replica_id not in self.local_ids:
             return
-        names = self._engine_names.setdefault(replica_id, {})
-        stored: list[tuple[int, ...]] = []
+        names = self._engine_names.get(replica_id)
+        stored: list[int] = []
+        learned: dict[int, int] = {}  # engine hash -> router hash, of the runs stored by this call so far
 
         def flush() -> None:
-            for run in reversed(stored):
-                if run:
-                    mirror.record(replica_id, run)
-            stored.clear()
+            if stored:
+                mirror.record(replica_id, stored)
+                stored.clear()
 
         for c in changes:
             if isinstance(c, StoredBlocks):
-                stored.append(self._router_hashes(c, names))
+                stored += self._router_hashes(c, names, learned)
                 continue
             flush()
             if isinstance(c, RemovedBlocks):
-                mirror.remove(replica_id, tuple(names.pop(h, h) for h in c.block_hashes) if names
-                              else c.block_hashes)
+                gone: Any = names.pop_many(c.block_hashes) if names is not None and len(names) else c.block_hashes
+                if learned:  # names stored by this call: their translation is the newer one
+                    gone = list(gone)
+                    for j, h in enumerate(c.block_hashes):
+                        if h in learned:
+                            gone[j] = learned.pop(h)
+                mirror.remove(replica_id, gone)
             elif isinstance(c, ClearedBlocks):
                 mirror.clear(replica_id)
-                names.clear()
+                learned.clear()
+                if names is not None:
+                    names.clear()
         flush()
+        if learned:  # (kept in a dict until now: the same as adding each run's names at once)
+            if names is None:
+                names = self._engine_names[replica_id] = BoundedHashMap(2 * max(1, self._mirror_capacity))
+            names.update(list(learned), list(learned.values()))
 
-    def _router_hashes(self, c: StoredBlocks, names: dict[int, int]) -> tuple[int, ...]:
+    def _router_hashes(self, c: StoredBlocks, names: BoundedHashMap | None, learned: dict[int, int]
+                       ) -> tuple[int, ...]:
         """The router's own hashes of a stored run.
 
         An engine that hashes as the router does (the engine double) sends them as they are. Another
         (vLLM hashes with sha256) sends the run's token ids: they are hashed the router's way, chained
-        from the router's name of the parent block, and the engine's names of the blocks remembered
-        in ``names`` (engine hash -> router hash, per replica, emptied as blocks are evicted) so that
-        later evictions and children can be translated. Without token ids, or with another block
-        size, the engine's hashes are taken as they are.
+        from the router's name of the parent block, and the engine's names of the blocks are added
+        to ``learned`` (engine hash -> router hash), which the caller moves into ``names`` (per
+        replica, emptied as blocks are evicted) so that later evictions and children can be
+        translated. ``names`` holds at most twice as many names as the mirror holds blocks, the
+        oldest going first: an engine evicts what it stored and says so, but a removal may be missed.
+        Without token ids, or with another block size, the engine's hashes are taken as they are.
         """
         bs = self.block_size
         if not c.token_ids or c.block_size != bs or len(c.token_ids) != bs * len(c.block_hashes):
             return c.block_hashes
-        parent = ROOT_HASH if c.parent_block_hash is None else names.get(c.parent_block_hash, c.parent_block_hash)
+        p = c.parent_block_hash
+        parent = ROOT_HASH if p is None else learned[p] if p in learned else names.get(p, p) if names is not None else p
         ours = hash_token_blocks(c.token_ids, bs, parent)
         if ours != c.block_hashes:
-            names.update(zip(c.block_hashes, ours, strict=True))
-            # an engine evicts what it stored and says so; should a removal be missed, the oldest
-            # names go once there are twice as many as the mirror holds
-            over = len(names) - 2 * max(1, self._mirror_capacity)
-            if over > 0:
-                for h in list(islice(names, over)):
-                    del names[h]
+            learned.update(zip(c.block_hashes, ours, strict=True))
         return ours
 
     # ------------------------------------------------------------------ RTT
