@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from isthmus.core.errors import ConfigError, UnknownProfileError
 from isthmus.core.perf import gpu_spec, model_spec
@@ -94,6 +94,25 @@ def read_yaml(path: Path, what: str = "config") -> tuple[Any, dict[Loc, int]]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: YAML syntax error: {exc}") from None
     return data, lines
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_model(path: Path, model: type[M], what: str) -> tuple[M, dict[Loc, int]]:
+    """The YAML mapping in ``path`` validated as ``model``, and the line of each of its fields.
+
+    Raises:
+        ConfigError: naming the file, the line and the dotted path of the first bad fields (``what``
+            names the kind of file in messages).
+    """
+    data, lines = read_yaml(path, what)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a {what} must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return model.model_validate(data), lines
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, path, lines)) from None
 
 
 def line_of(loc: Loc, lines: Mapping[Loc, int]) -> int | None:

@@ -51,9 +51,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from isthmus.configfile import FieldError, Loc, format_validation_error, read_yaml, where
+from isthmus.configfile import FieldError, Loc, load_model, where
 from isthmus.core.errors import ConfigError
 from isthmus.place.algorithms import PetalsParams
 from isthmus.place.model import Instance, ModelSpec
@@ -431,11 +431,5 @@ def load_config(path: str | Path) -> PlaceSetup:
         ConfigError: naming the file, the line and the dotted path of the first bad fields.
     """
     path = Path(path)
-    data, lines = read_yaml(path, "placement config")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a placement config must be a YAML mapping, got {type(data).__name__}")
-    try:
-        config = PlaceConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, path, lines)) from None
+    config, lines = load_model(path, PlaceConfig, "placement config")
     return build_setup(config, path.resolve().parent, path, lines)

@@ -32,8 +32,8 @@ from isthmus.configfile import (
     Loc,
     format_validation_error,
     gpu_name,
+    load_model,
     model_name,
-    read_yaml,
     where,
 )
 from isthmus.core.errors import ConfigError, IsthmusError, UnknownProfileError
@@ -636,13 +636,7 @@ def load_scenario(path: str | Path, registry: PolicyRegistry | None = None) -> S
         ConfigError: naming the file, the line and the dotted path of the first bad fields.
     """
     path = Path(path)
-    data, lines = read_yaml(path, "scenario")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a scenario must be a YAML mapping, got {type(data).__name__}")
-    try:
-        config = ScenarioConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, path, lines)) from None
+    config, lines = load_model(path, ScenarioConfig, "scenario")
     scenario = Scenario(config=config, base_dir=path.resolve().parent, source=path)
 
     def fail(loc: Loc, msg: str) -> ConfigError:
