@@ -137,6 +137,21 @@ def running_router(data: dict[str, Any], server: str = "front") -> Iterator[Rout
         rt.stop()
 
 
+JSON = {"content-type": "application/json"}
+
+
+def post(port: int, data: bytes, headers: dict[str, str] | None = None,
+         path: str = "/v1/completions") -> tuple[int, dict[str, str], bytes]:
+    """One JSON ``POST`` to a router on ``port``: status, headers (lower-case names), body."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        c.request("POST", path, body=data, headers={**JSON, **(headers or {})})
+        r = c.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        c.close()
+
+
 def wait_until(cond: Any, timeout: float = 5.0, step: float = 0.01) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from router_harness import config, replica, running_router, wait_until
+from router_harness import JSON, config, post, replica, running_router, wait_until
 from router_upstream import upstreams
 
 from isthmus.core.hashing import hash_token_blocks
@@ -21,21 +21,11 @@ REGIONS = {"measure": False, "rtt_ms": {"east": {"west": 80, "asia": 200}, "west
            "intra_region_rtt_ms": 2}
 PROMPT = "lorem ipsum " * 1000  # 12,000 bytes: 3,000 tokens of the built-in tokenizer
 T_P = builtin_perf_model("A100", "Mistral-7B").prefill_s_per_token()
-JSON = {"content-type": "application/json"}
 
 
 def body(prompt: str = PROMPT, stream: bool = True) -> bytes:
     return json.dumps({"model": "m", "prompt": prompt, "stream": stream, "max_tokens": 8}).encode()
 
-
-def post(port: int, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        c.request("POST", "/v1/completions", body=data, headers={**JSON, **(headers or {})})
-        r = c.getresponse()
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
-    finally:
-        c.close()
 
 
 def start(port: int, data: bytes) -> http.client.HTTPConnection:

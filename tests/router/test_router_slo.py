@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from router_harness import config, replica, running_router, wait_until
+from router_harness import config, post, replica, running_router, wait_until
 from router_upstream import upstreams
 
 from isthmus.core.errors import ConfigError
@@ -20,7 +20,6 @@ from isthmus.policies.slo import SLOPolicy
 from isthmus.router.config import load_config
 from isthmus.router.hold import HoldQueue
 
-JSON = {"content-type": "application/json"}
 SLO = {
     "classes": [{"name": "interactive", "ttft_ms": 5000, "tpot_ms": 1000},
                 {"name": "batch", "e2e_ms": 60000, "priority": 1},
@@ -34,15 +33,6 @@ SLO = {
 def body(stream: bool = True, **extra: Any) -> bytes:
     return json.dumps({"model": "m", "prompt": "hello there", "stream": stream, "max_tokens": 8, **extra}).encode()
 
-
-def post(port: int, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        c.request("POST", "/v1/completions", body=data, headers={**JSON, **(headers or {})})
-        r = c.getresponse()
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
-    finally:
-        c.close()
 
 
 def slo_router(url: str, **over: Any) -> dict[str, Any]:
