@@ -1,12 +1,12 @@
 """What a router adds to time-to-first-token: the same load sent directly to the engines, then through it.
 
-Starts ``--engines`` engine doubles (``isthmus emulate``, step times scaled by ``--time-scale``) and, one
-after the other, each router in front of them, all on loopback: ``isthmus serve`` and, unless
+Starts ``--engines`` backends (fixed-timing fake servers, or engine doubles ``isthmus emulate`` with
+step times scaled by ``--time-scale``) and every router in front of them, all on loopback: ``isthmus serve`` and, unless
 ``--skip-rust``, the Rust routers ``vllm-router`` and ``sglang-router`` (installed with pip into a
 virtual environment of their own, ``--rust-venv``, on first use; every listener bound to 127.0.0.1),
 every router with the same policy ``--policy``. Requests are streamed ``/v1/completions`` with
 ``--prompt-chars`` characters of distinct prompt; TTFT is measured at the client, from sending the
-request to its first ``data:`` event. Phases, each run straight to the engines (round robin) and then
+request to its first ``data:`` event. Phases, each run straight to the engines (round robin) and
 through every router:
 
 1. one at a time (``--single`` requests): the overhead of one hop with nothing else running;
@@ -17,14 +17,20 @@ through every router:
 3. closed loop, per level N: N streams kept busy with short requests (``--closed-max-tokens``) until
    ``--requests`` completed: the highest rate sustained with N concurrent streams.
 
+Every router runs from the start, and each phase is run in ``--rounds`` rounds: in a round every
+target (direct, then each router) runs the phase once, in an order rotated from round to round, so
+that a busy minute on a shared machine falls on every target alike. Added latency is reported as the
+median over rounds of (router - the same round's direct run), with the range over rounds, and as the
+difference of the percentiles of all rounds' samples pooled.
+
 Each router's CPU time per request and resident memory (its process tree) are reported too.
 Everything shares this machine's cores (engines, router, load generator): under load, a router's
 added latency includes waiting for a core.
 
 Usage::
 
-    python benchmarks/router_overhead.py [--streams 50,200] [--requests 1000] [--time-scale 1.0] [--skip-rust]
-        [--json out/router_overhead.json]
+    python benchmarks/router_overhead.py [--streams 50,200] [--rounds 5] [--requests 400] [--skip-rust]
+        [--backend fake|emulate] [--json out/router_overhead.json]
 """
 
 from __future__ import annotations
@@ -210,7 +216,8 @@ class _Load:
 
     def result(self, wall: float, **extra: Any) -> dict[str, Any]:
         return {"requests": len(self.ttft), "errors": self.errors, "wall_s": wall, "ttft_s": _pcts(self.ttft),
-                "e2e_s": _pcts(self.e2e), "throughput_rps": len(self.ttft) / wall if wall > 0 else 0.0, **extra}
+                "e2e_s": _pcts(self.e2e), "throughput_rps": len(self.ttft) / wall if wall > 0 else 0.0,
+                "_samples": {"ttft": self.ttft, "e2e": self.e2e}, **extra}
 
 
 def _session() -> aiohttp.ClientSession:
@@ -390,19 +397,57 @@ def measure(pid: int, run: Any) -> dict[str, Any]:
     return result
 
 
-def added(routed: dict[str, Any], direct: dict[str, Any]) -> dict[str, float]:
-    return {k: routed["ttft_s"][k] - direct["ttft_s"][k] for k in ("p50", "p90", "p99", "mean")
-            if k in routed["ttft_s"] and k in direct["ttft_s"]}
+def _rotated(names: list[str], k: int) -> list[str]:
+    return names[k % len(names):] + names[:k % len(names)]
+
+
+def _pool(rounds: list[dict[str, Any]], key: str) -> list[float]:
+    return [x for r in rounds for x in r["_samples"][key]]
+
+
+def _summary(rounds: list[dict[str, Any]], wall_key: str = "wall_s") -> dict[str, Any]:
+    """One target's figures over its rounds: percentiles of all samples pooled, the rounds' own."""
+    ttft = _pool(rounds, "ttft")
+    wall = sum(r[wall_key] for r in rounds)
+    out: dict[str, Any] = {
+        "requests": len(ttft), "errors": sum(r["errors"] for r in rounds), "ttft_s": _pcts(ttft),
+        "e2e_s": _pcts(_pool(rounds, "e2e")), "throughput_rps": len(ttft) / wall if wall > 0 else 0.0,
+        "rounds": [{k: v for k, v in r.items() if k != "_samples"} for r in rounds],
+    }
+    if "in_flight_mean" in rounds[0]:
+        out["in_flight_mean"] = statistics.fmean(r["in_flight_mean"] for r in rounds)
+        out["in_flight_max"] = max(r["in_flight_max"] for r in rounds)
+    if "router_cpu_s" in rounds[0]:
+        cpu = sum(r["router_cpu_s"] for r in rounds)
+        out["router_cpu_s"] = cpu
+        out["router_cpu_ms_per_request"] = 1e3 * cpu / max(1, out["requests"])
+        out["router_rss_mb"] = max(r["router_rss_mb"] for r in rounds)
+    return out
+
+
+def _added(target: dict[str, Any], direct: dict[str, Any]) -> dict[str, Any]:
+    """TTFT added over direct: of the pooled percentiles, and per round (each round's phase against the
+    direct phase of the same round, minutes apart at most) with the median over rounds."""
+    pooled = {k: target["ttft_s"][k] - direct["ttft_s"][k] for k in ("p50", "p90", "p99", "mean")
+              if k in target["ttft_s"] and k in direct["ttft_s"]}
+    per_round = [{k: t["ttft_s"][k] - d["ttft_s"][k] for k in ("p50", "p90", "p99", "mean")
+                  if k in t["ttft_s"] and k in d["ttft_s"]} for t, d in zip(target["rounds"], direct["rounds"], strict=True)]
+    median = {k: statistics.median(r[k] for r in per_round if k in r) for k in ("p50", "p90", "p99", "mean")
+              if any(k in r for r in per_round)}
+    return {"pooled": pooled, "median_of_rounds": median, "per_round": per_round}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", default="50,200", help="concurrent streams, comma-separated levels")
-    ap.add_argument("--requests", type=int, default=1000, help="requests per phase, level and target")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds: in each, every target (direct and each router) runs every phase once, in an "
+                         "order rotated from round to round")
+    ap.add_argument("--requests", type=int, default=400, help="requests per phase, level, target and round")
     ap.add_argument("--engines", type=int, default=2)
     ap.add_argument("--time-scale", type=float, default=1.0, help="engine step times x this")
-    ap.add_argument("--single", type=int, default=100,
-                    help="requests sent one at a time per target first (0: skip), for the uncontended overhead")
+    ap.add_argument("--single", type=int, default=40,
+                    help="requests sent one at a time per target and round (0: skip), for the uncontended overhead")
     ap.add_argument("--prompt-chars", type=int, default=2000)
     ap.add_argument("--max-tokens", type=int, default=16, help="output tokens per request, open-loop phases")
     ap.add_argument("--closed-max-tokens", type=int, default=16, help="output tokens per request, closed-loop phases")
@@ -410,7 +455,7 @@ def main() -> None:
                     help="open-loop rate as a fraction of the direct closed-loop rate at that many streams")
     ap.add_argument("--policy", default="round_robin",
                     help="every router's policy (round_robin spreads load as the direct phase does)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the open-loop arrival gaps")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the open-loop arrival gaps (round k: seed + k)")
     ap.add_argument("--skip-rust", action="store_true", help="measure isthmus only, not vllm-router / sglang-router")
     ap.add_argument("--rust-venv", type=Path, default=Path(tempfile.gettempdir()) / "isthmus-bench-rust-routers",
                     help="virtual environment for the Rust routers (created and filled with pip when missing)")
@@ -429,6 +474,7 @@ def main() -> None:
         return
     levels = [int(x) for x in str(args.streams).split(",") if x.strip()]
     top = max(levels)
+    rounds = max(1, args.rounds)
 
     routers: dict[str, dict[str, Any]] = {"isthmus": {"available": True}}
     rust: dict[str, Path | str] = {} if args.skip_rust else rust_venv(args.rust_venv)
@@ -436,31 +482,23 @@ def main() -> None:
         routers[name] = ({"available": True, "version": package_version(args.rust_venv / "bin" / "python", RUST_PACKAGES[name])}
                          if isinstance(exe, Path) else {"available": False, "why": exe})
 
-    single: dict[str, Any] = {}
-    open_loop: dict[str, dict[str, Any]] = {str(n): {} for n in levels}
-    closed: dict[str, dict[str, Any]] = {str(n): {} for n in levels}
     rates: dict[str, float] = {}
     prompt = args.prompt_chars
     fast = ({"fake_ttft_ms": args.closed_fake_ms, "fake_itl_ms": args.closed_fake_ms} if args.backend == "fake"
             else None)
+    # raw rounds: phase -> target -> [one result per round]
+    raw: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    load_avg: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         engines = [start_fake(work / f"engine{k}.log", args.fake_ttft_ms / 1e3, args.fake_itl_ms / 1e3)
                    if args.backend == "fake" else start_engine(work / f"engine{k}.log", args.time_scale)
                    for k in range(args.engines)]
         urls = [u for _, u in engines]
+        procs: dict[str, subprocess.Popen[bytes]] = {}
+        targets: dict[str, list[str]] = {"direct": urls}
         try:
-            one = (1, args.single, prompt, args.max_tokens)
-            if args.single:
-                single["direct"] = asyncio.run(run_load(urls, *one))
-            for n in levels:
-                # the open-loop rate: a fraction of what the engines sustain directly at n streams
-                calib = asyncio.run(run_load(urls, n, min(args.requests, 4 * n), prompt, args.max_tokens))
-                rates[str(n)] = args.load_factor * calib["throughput_rps"]
-                open_loop[str(n)]["direct"] = asyncio.run(run_open(urls, rates[str(n)], args.requests, prompt,
-                                                                   args.max_tokens, args.seed))
-                closed[str(n)]["direct"] = asyncio.run(run_load(urls, n, args.requests, prompt,
-                                                                args.closed_max_tokens, extra=fast))
+            # every router runs from the start (idle when it is not measured), so that the phases can be interleaved
             for name, info in routers.items():
                 if not info["available"]:
                     continue
@@ -474,57 +512,92 @@ def main() -> None:
                 except RuntimeError as exc:
                     info.update(available=False, why=str(exc)[-500:])
                     continue
-                try:
-                    info["rss_mb_idle"] = rss_mb(proc.pid)
-                    if args.single:
-                        single[name] = asyncio.run(run_load([url], *one))
-                    for n in levels:
-                        r = measure(proc.pid, run_open([url], rates[str(n)], args.requests, prompt, args.max_tokens,
-                                                       args.seed))
-                        r["added_ttft_s"] = added(r, open_loop[str(n)]["direct"])
-                        open_loop[str(n)][name] = r
-                        closed[str(n)][name] = measure(proc.pid, run_load([url], n, args.requests, prompt,
-                                                                          args.closed_max_tokens, extra=fast))
-                    info["rss_mb_after"] = rss_mb(proc.pid)
-                finally:
-                    stop([proc])
+                procs[name], targets[name] = proc, [url]
+                info["rss_mb_idle"] = rss_mb(proc.pid)
+            names = list(targets)
+
+            def phase(key: str, make: Any) -> None:
+                """Every target once per round, in an order rotated from round to round."""
+                per = raw.setdefault(key, {n: [] for n in names})
+                for k in range(rounds):
+                    load_avg.append(psutil.getloadavg()[0])
+                    for name in _rotated(names, k):
+                        run = make(targets[name], k)
+                        per[name].append(asyncio.run(run) if name == "direct" else measure(procs[name].pid, run))
+
+            if args.single:
+                phase("single", lambda t, k: run_load(t, 1, args.single, prompt, args.max_tokens, warmup=5))
+            for n in levels:
+                # the open-loop rate: a fraction of what the engines sustain directly at n streams
+                calib = asyncio.run(run_load(urls, n, min(args.requests, 4 * n), prompt, args.max_tokens))
+                rates[str(n)] = rate = args.load_factor * calib["throughput_rps"]
+                phase(f"open{n}", lambda t, k, rate=rate: run_open(t, rate, args.requests, prompt, args.max_tokens,
+                                                                   args.seed + k))
+                phase(f"closed{n}", lambda t, k, n=n: run_load(t, n, args.requests, prompt, args.closed_max_tokens,
+                                                               extra=fast))
+            for name, proc in procs.items():
+                routers[name]["rss_mb_after"] = rss_mb(proc.pid)
         finally:
+            stop(list(procs.values()))
             stop([p for p, _ in engines])
 
+    summary = {key: {name: _summary(rs) for name, rs in per.items()} for key, per in raw.items()}
+    for per in summary.values():
+        for name, s in per.items():
+            if name != "direct":
+                s["added_ttft_s"] = _added(s, per["direct"])
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
-              "cores": psutil.cpu_count(), "routers": routers, "open_loop_rate_rps": rates, "open_loop": open_loop,
-              "closed_loop": closed, "one_at_a_time": single}
+              "cores": psutil.cpu_count(), "load_average_at_rounds": load_avg, "routers": routers,
+              "open_loop_rate_rps": rates,
+              "open_loop": {str(n): summary[f"open{n}"] for n in levels},
+              "closed_loop": {str(n): summary[f"closed{n}"] for n in levels},
+              "one_at_a_time": summary.get("single", {})}
     backend = (f"fake backends (first token {args.fake_ttft_ms:g} ms, then one every {args.fake_itl_ms:g} ms)"
                if args.backend == "fake" else f"engine doubles (time scale {args.time_scale})")
-    print(f"{args.engines} {backend}, {args.requests} requests per phase, "
-          f"policy {args.policy}, {psutil.cpu_count()} cores shared by everything")
+    print(f"{args.engines} {backend}; {rounds} rounds, each running every target in turn (order rotated), "
+          f"{args.requests} requests per phase and round; policy {args.policy}; {psutil.cpu_count()} cores shared "
+          f"by everything; load average {min(load_avg, default=0):.1f}-{max(load_avg, default=0):.1f}")
     for name, info in routers.items():
         if not info["available"]:
             print(f"{name}: not measured ({info.get('why', '')[:200]})")
+
+    def ms(x: float) -> str:
+        return f"{x * 1e3:7.2f}"
+
+    def spread(a: dict[str, Any], k: str) -> str:
+        xs = [r[k] for r in a["per_round"] if k in r]
+        return f"{ms(min(xs)).strip()}..{ms(max(xs)).strip()}" if xs else ""
+
     for n in levels:
-        rows = open_loop[str(n)]
+        rows = report["open_loop"][str(n)]
         d = rows["direct"]
         print(f"\n{n} streams, open loop at {rates[str(n)]:.1f} req/s ({args.max_tokens} output tokens): direct TTFT "
               f"p50 {d['ttft_s'].get('p50', 0) * 1e3:.2f} ms, p99 {d['ttft_s'].get('p99', 0) * 1e3:.2f} ms, "
               f"{d['in_flight_mean']:.0f} in flight on average (peak {d['in_flight_max']})")
-        print(f"{'router':14s} {'+p50':>9s} {'+p90':>9s} {'+p99':>9s} {'in flight':>9s} {'CPU/req':>9s} {'errors':>6s}")
+        print("TTFT added, ms: median over rounds of (router - direct of the same round) [range over rounds]; pooled")
+        print(f"{'router':14s} {'+p50':>22s} {'+p99':>22s} {'pooled +p50':>11s} {'pooled +p99':>11s} "
+              f"{'CPU/req':>8s} {'errors':>6s}")
         for name, r in rows.items():
             if name == "direct":
                 continue
             a = r["added_ttft_s"]
-            print(f"{name:14s} {a.get('p50', 0) * 1e3:7.2f}ms {a.get('p90', 0) * 1e3:7.2f}ms "
-                  f"{a.get('p99', 0) * 1e3:7.2f}ms {r['in_flight_mean']:9.0f} {r['router_cpu_ms_per_request']:7.2f}ms "
-                  f"{r['errors']:6d}")
-        print(f"{n} streams, closed loop ({args.closed_max_tokens} output tokens): sustained req/s")
-        for name, r in closed[str(n)].items():
+            m, p = a["median_of_rounds"], a["pooled"]
+            print(f"{name:14s} {ms(m.get('p50', 0))} [{spread(a, 'p50'):>12s}] {ms(m.get('p99', 0))} "
+                  f"[{spread(a, 'p99'):>12s}] {ms(p.get('p50', 0)):>11s} {ms(p.get('p99', 0)):>11s} "
+                  f"{r['router_cpu_ms_per_request']:6.2f}ms {r['errors']:6d}")
+        print(f"{n} streams, closed loop ({args.closed_max_tokens} output tokens): sustained req/s, median over "
+              "rounds [range]")
+        for name, r in report["closed_loop"][str(n)].items():
+            tps = [x["throughput_rps"] for x in r["rounds"]]
             extra = "" if name == "direct" else (f"  CPU/req {r['router_cpu_ms_per_request']:.2f} ms, RSS "
                                                  f"{r['router_rss_mb']:.0f} MB")
-            print(f"  {name:14s} {r['throughput_rps']:8.1f}  errors {r['errors']}{extra}")
+            print(f"  {name:14s} {statistics.median(tps):8.1f} [{min(tps):.0f}..{max(tps):.0f}]  errors "
+                  f"{r['errors']}{extra}")
+    single = report["one_at_a_time"]
     if single:
-        base = single["direct"]["ttft_s"].get("p50", 0)
-        print(f"\none request at a time, TTFT p50: direct {base * 1e3:.2f} ms; " + ", ".join(
-            f"{name} +{(r['ttft_s'].get('p50', 0) - base) * 1e3:.2f} ms" for name, r in single.items()
-            if name != "direct"))
+        print("\none request at a time, TTFT p50 added (median over rounds): " + ", ".join(
+            f"{name} +{r['added_ttft_s']['median_of_rounds'].get('p50', 0) * 1e3:.2f} ms"
+            for name, r in single.items() if name != "direct"))
     if args.json is not None:
         write_json(args.json, report)
 
