@@ -14,7 +14,7 @@ from place_cases import PLACE, instances, make_instance
 from isthmus.place.algorithms import cg_bprr, mean_cost
 from isthmus.place.config import load_config
 from isthmus.place.milp import _build, _Program, interpret, solve_milp
-from isthmus.place.model import Instance, PlacementError
+from isthmus.place.model import Instance, ModelSpec, PlacementError
 from isthmus.place.verify import check_solution
 
 pytest.importorskip("scipy.optimize")
@@ -48,6 +48,41 @@ def test_milp_is_at_most_cg_bprr_on_small_instances(inst: Instance, sessions: in
     assert out.objective_s <= mean_cost(inst.request_cost(), cg.placement, cg.routes) * (1 + 1e-6) + 1e-9
     assert out.objective_s == pytest.approx(mean_cost(inst.request_cost(), out.solution.placement,
                                                       out.solution.routes))
+
+
+def _free_hops_instance() -> Instance:
+    """Hypothesis' falsifying example: zero RTTs and overheads, so a hop into a server costs nothing,
+    and ``s0`` can hold the one block but no cache beside it."""
+    return Instance(
+        model=ModelSpec(name="toy", blocks=1, block_bytes=1e9, d_model=1000, cache_bytes_per_value=0.5e9 / 6000),
+        input_tokens=2, output_tokens=1, server_names=("s0", "s1"), server_kinds=("gpu", "gpu"),
+        server_sites=("x", "x"), memory_bytes=np.array([1e9, 2e9]), prefill_s_per_block=np.array([0.001, 0.001]),
+        decode_s_per_block=np.array([0.001, 0.001]), max_blocks=np.array([1, 1], dtype=np.int64),
+        client_names=("c0",), client_sites=("x",), client_weights=np.array([1.0]), client_rtt_s=np.zeros((1, 2)),
+        server_rtt_s=np.zeros((2, 2)), token_overhead_s=0.0, prompt_overhead_s=0.0, session_setup_s=0.0)
+
+
+def test_free_hops_do_not_route_through_an_empty_server() -> None:
+    # regression: a link from the source only required a_j <= 1, so a chain could start at a server
+    # holding no block (e_j = 0) when the hop into it was free; the check then rejected the solution
+    inst = _free_hops_instance()
+    out = solve_milp(inst, 1, time_limit_s=10, mip_rel_gap=1e-7)
+    assert out.status == "optimal", out.message
+    assert out.solution is not None and out.objective_s is not None
+    assert check_solution(inst, out.solution.placement, out.solution.routes, 1) == []
+    assert [r.servers for r in out.solution.routes] == [(1,)]
+    assert out.objective_s == pytest.approx(0.001)
+
+
+def test_free_hops_on_a_longer_chain_hold_a_block_at_every_server() -> None:
+    # the same with 3 blocks, 3 servers and 3 sessions (failed the check before the fix too): every server
+    # on every chain holds the next block, whatever the (free) hops
+    inst = make_instance([2.0, 3.0, 9.0], [1, 1, 1], [1, 1, 1], [[0, 0, 0]], blocks=3, cache_gb=0.5, output_tokens=1)
+    out = solve_milp(inst, 3, time_limit_s=10, mip_rel_gap=1e-7)
+    assert out.status == "optimal", out.message
+    assert out.solution is not None
+    assert check_solution(inst, out.solution.placement, out.solution.routes, 3) == []
+    assert all(out.solution.placement.count[j] > 0 for r in out.solution.routes for j in r.servers)
 
 
 def test_cutoff_keeps_only_solutions_at_least_as_good() -> None:

@@ -19,8 +19,9 @@ Variables (``n`` servers, ``L`` blocks, client ``c`` with ``R_c`` sessions, ``B_
   linearised with big-M ``L``.
 
 Constraints: flow of ``R_c`` from source to sink and conservation at every server; ``F_ℓ ≤ R_c·u_ℓ``;
-route feasibility when ``u_ℓ = 1`` (source -> ``j``: ``a_j ≤ 1``; ``i -> j``: ``a_j ≤ e_i + 1`` and
-``e_i + 1 ≤ e_j``; ``j`` -> sink: ``e_j ≥ L``); memory ``s_m·m_j + s_c·Σ 2^b·y ≤ M_j``;
+route feasibility when ``u_ℓ = 1`` (source -> ``j``: ``a_j ≤ 1`` and ``e_j ≥ 1``; ``i -> j``:
+``a_j ≤ e_i + 1`` and ``e_i + 1 ≤ e_j``; ``j`` -> sink: ``e_j ≥ L``; so every server on a chain holds
+the next block and ends further, none is passed through empty); memory ``s_m·m_j + s_c·Σ 2^b·y ≤ M_j``;
 ``m_j ≤ max_blocks``. Identical servers (same memory, speeds and RTTs) are ordered by ``e_j`` to
 break their symmetry, which keeps the optimum. Objective: ``Σ hop_cj·F + block_j·Σ 2^b·y`` with the
 costs of :meth:`~isthmus.place.model.Instance.request_cost`.
@@ -175,6 +176,9 @@ def _build(inst: Instance, sessions: int, cutoff_s: float | None) -> _Program:
             if i == SOURCE:
                 from_source += flow
                 prog.row([(a[j], 1.0), (u, big)], -np.inf, big + 1)  # a_j <= 1 when used
+                # e_j >= 1 when used (``e_i + 1 <= e_j`` with e_source = 0): the first server processes
+                # block 1, it cannot be an empty server (e_j = 0 < a_j) passed through at no cost
+                prog.row([(e[j], -1.0), (u, 1.0)], -np.inf, 0.0)
             else:
                 out_of[i] += flow
                 prog.row([(a[j], 1.0), (e[i], -1.0), (u, big)], -np.inf, big + 1)  # a_j <= e_i + 1
