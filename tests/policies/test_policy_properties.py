@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from policy_fakes import FakePrefixView, RttTable
 
-from isthmus.core.policy import Decision
+from isthmus.core.policy import HOLD, Decision
 from isthmus.core.request import Request
 from isthmus.core.snapshot import ClusterSnapshot, InstanceView
 from isthmus.policies import default_registry
@@ -92,3 +93,18 @@ def test_decisions_are_reproducible_from_the_seed(steps):
         got_a = [repr(a.choose(r, s)) for r, s in ordered]
         got_b = [repr(b.choose(r, s)) for r, s in ordered]
         assert got_a == got_b, name
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=cases())
+def test_no_policy_writes_to_its_snapshot(case):
+    """Views and snapshots are plain (not frozen) dataclasses for speed: reading only is a policy's contract."""
+    request, snapshot = case
+    views = {k: dataclasses.replace(v) for k, v in snapshot.instances.items()}
+    fields = {f.name: getattr(snapshot, f.name) for f in dataclasses.fields(snapshot)}
+    reg = default_registry()
+    for name in POLICIES:
+        d = reg.create(name, rng=np.random.default_rng(3)).choose(request, snapshot)
+        assert snapshot.instances == views, name
+        assert {f: getattr(snapshot, f) for f in fields} == fields, name
+        assert Decision(target=None, reason="no replica available") == HOLD, (name, d)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -13,7 +13,7 @@ from isthmus.core.request import Request
 from isthmus.core.snapshot import ClusterSnapshot
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CostBreakdown:
     """A policy's estimate for its choice, seconds (``nan`` where a policy does not estimate).
 
@@ -36,7 +36,7 @@ class CostBreakdown:
     tpot_s: float = float("nan")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     """Where a request goes.
 
@@ -59,7 +59,7 @@ class Decision:
 
     target: str | None
     forward: bool = False
-    estimate: CostBreakdown = CostBreakdown()
+    estimate: CostBreakdown = field(default_factory=CostBreakdown)
     reason: str = ""
     reject: str | None = None
     priority: int | None = None

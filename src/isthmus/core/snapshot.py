@@ -11,9 +11,11 @@ from isthmus.core.prefix_index import PrefixIndex as PrefixIndex
 from isthmus.core.topology import PriceBook
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InstanceView:
-    """One replica as seen at snapshot time.
+    """One replica as seen at snapshot time (policies read it and never change it; not frozen, since
+    a frozen dataclass costs four times as much to build and the router builds one per replica per
+    decision: ``tests/policies/test_policy_properties.py`` checks that no policy writes to its input).
 
     Attributes:
         id, region, gpu: identity.
@@ -93,9 +95,10 @@ class CallbackPrefixView:
         return {rid: n for rid, fn in self._lookups.items() if (n := fn(block_hashes))}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ClusterSnapshot:
-    """Immutable input of :meth:`Policy.choose`, built by the router's collectors or by the simulator.
+    """Input of :meth:`Policy.choose`, built by the router's collectors or by the simulator; read-only
+    by contract (as :class:`InstanceView`).
 
     Attributes:
         now: time of the snapshot, seconds (policies read time only from here).

@@ -370,7 +370,7 @@ class Router:
         self._read_names = _READ | {self._slo_header} if self._slo_header is not None else _READ
         self._priority_replicas = frozenset(
             rid for rid, rc in zip(config.replica_ids, config.replicas, strict=True) if rc.priority)
-        self.metrics = RouterMetrics(self.state, held=lambda: len(self.hold), clock=clock)
+        self.metrics = RouterMetrics(self.state, held=lambda: len(self.hold), clock=clock, active=lambda: self.active)
         if self.learner is not None:
             self.metrics.registry.register(self.learner)
         self.budget = RetryBudget(config.retries.budget, config.retries.max_balance)
@@ -519,15 +519,14 @@ class Router:
             await self._send_error_asgi(send, exc, request_id, close=not body_read)
             return
         except _ClientGone:
-            self.metrics.requests.labels("499").inc()
+            self.metrics.answered(499)
             return
-        self.metrics.in_progress.set(self.active)
         await ProxyResponse(self, ctx)(scope, receive, send)
 
     async def _send_error_asgi(self, send: Send, exc: RouterHTTPError, request_id: str, close: bool) -> None:
         """An error the router raised itself, before any upstream attempt; ``close``: the rest of the
         body is not worth reading, so the connection closes after the answer."""
-        self.metrics.requests.labels(str(exc.status)).inc()
+        self.metrics.answered(exc.status)
         log.info("request %s rejected: %d %s", request_id, exc.status, exc.code or exc.type)
         body = exc.body()
         headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id.encode()),
@@ -580,7 +579,7 @@ class Router:
 
     def error_response(self, exc: RouterHTTPError, request_id: str) -> Response:
         """The client's answer for an error the router raised itself."""
-        self.metrics.requests.labels(str(exc.status)).inc()
+        self.metrics.answered(exc.status)
         headers = {"x-request-id": request_id, **exc.headers}
         log.info("request %s rejected: %d %s", request_id, exc.status, exc.code or exc.type)
         return Response(exc.body(), status_code=exc.status, headers=headers, media_type="application/json")
@@ -607,7 +606,7 @@ class Router:
                 raise RouterHTTPError(500, f"policy {self.policy.name} forwarded to {d.target!r}, which is not a "
                                            "peer region or not allowed", "server_error")
             peer.in_flight += 1
-            self.metrics.decisions.labels(d.target, d.target, "true").inc()
+            self.metrics.decided(d.target, d.target, True)
             return Routed(d, now, peer=peer)
         replica = st.replicas.get(d.target)
         if replica is None:
@@ -618,7 +617,7 @@ class Router:
             cached = min(st.matched_blocks(hashes, replica.id) * st.block_size, ctx.info.prompt_tokens)
             st.record_sent(replica.id, hashes)
         dispatch = replica.dispatch(ctx.info.prompt_tokens, deferred=bool(d.priority and d.priority > 0))
-        self.metrics.decisions.labels(replica.id, replica.region, "false").inc()
+        self.metrics.decided(replica.id, replica.region, False)
         return Routed(d, now, replica=replica, dispatch=dispatch, cached_tokens=cached)
 
     async def route(self, ctx: RequestContext, exclude: frozenset[str]) -> Routed:
@@ -754,8 +753,7 @@ class ProxyResponse:
             if watch is not None:
                 watch.cancel()
             router.active -= 1
-            router.metrics.in_progress.set(router.active)
-            router.metrics.requests.labels(str(ctx.status or 499)).inc()
+            router.metrics.answered(ctx.status or 499)
             if log.isEnabledFor(logging.INFO):
                 log.info("request %s model=%s target=%s region=%s forwarded=%s status=%d attempts=%d ttft_ms=%.1f "
                          "e2e_ms=%.1f error=%s", ctx.request_id, ctx.info.model, ctx.target or "-",
@@ -935,6 +933,7 @@ class ProxyResponse:
         streaming = status < 300 and resp.header(b"content-type").startswith("text/event-stream")
         if not streaming:
             body = await self._read_all(routed, resp)
+            ctx.ttft_s = router.clock() - ctx.arrival
             self._first_byte(routed)
             if status < 300:
                 ctx.output_tokens = _usage_tokens(body)
@@ -945,14 +944,16 @@ class ProxyResponse:
             self._finished = True
             self._done(routed, ok=status < 400, backend_ok=status < 500)
             return
+        # the answer's head is made while the first chunk is on its way (the headers usually come first)
+        headers = self._response_headers(routed, resp)
         try:
             first = await resp.read()
         except UpstreamTimeout:
             raise _Failure("stall", 504, f"{routed.target} sent nothing for {router.config.timeouts.idle_s:g} s") from None
         except UpstreamError as exc:
             raise _Failure("broken", 502, f"{routed.target} broke off before its first chunk: {exc}") from None
-        self._first_byte(routed)
-        await self._send_start(send, status, self._response_headers(routed, resp))
+        ctx.ttft_s = router.clock() - ctx.arrival  # the rest of the first byte's bookkeeping waits until it is sent
+        await self._send_start(send, status, headers)
         tail = first
         failure = ""
         self._events = first.count(b"data:")
@@ -961,6 +962,7 @@ class ProxyResponse:
         if first:
             done = resp.at_eof()
             await send({"type": "http.response.body", "body": first, "more_body": not done})
+            self._first_byte(routed)
             pipe = self._pipe
             if not done and pipe is not None:
                 # the rest goes from the upstream connection's callback straight to the client's
@@ -987,6 +989,8 @@ class ProxyResponse:
                 self._events += chunk.count(b"data:")
                 done = resp.at_eof()
                 await send({"type": "http.response.body", "body": chunk, "more_body": not done})
+        else:
+            self._first_byte(routed)
         if failure:
             # never a fake [DONE]: an error event, at an event boundary, then the end of the body
             lead = b"" if tail.endswith((b"\n\n", b"\r\n\r\n")) or not tail else b"\n\n"
@@ -1013,9 +1017,9 @@ class ProxyResponse:
             pipe.on_resume(resp.resume_reading)
 
     def _first_byte(self, routed: Routed) -> None:
+        """The first byte's bookkeeping, once ``ctx.ttft_s`` is set."""
         ctx = self.ctx
         router = self.router
-        ctx.ttft_s = router.clock() - ctx.arrival
         router.metrics.ttft.observe(ctx.ttft_s)
         if routed.dispatch is not None:
             routed.dispatch.first_byte()

@@ -71,7 +71,7 @@ class RouterMetrics:
     """
 
     def __init__(self, state: ClusterState, held: Callable[[], int] = lambda: 0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, active: Callable[[], int] = lambda: 0) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("isthmus_router_requests", "Client requests answered, by HTTP status",
@@ -95,7 +95,26 @@ class RouterMetrics:
                                  ["replica"], registry=r)
         self.in_progress = Gauge("isthmus_router_requests_in_progress", "Client requests being served or held",
                                  registry=r)
+        self.in_progress.set_function(lambda: float(active()))  # read when scraped, not set per request
         r.register(_StateCollector(state, held, clock))
+        # label children by value: a labels() lookup per request costs more than the increment
+        self._by_status: dict[int, Counter] = {}
+        self._by_target: dict[tuple[str, str, bool], Counter] = {}
+
+    def answered(self, status: int) -> None:
+        """Count one client request answered with ``status``."""
+        child = self._by_status.get(status)
+        if child is None:
+            child = self._by_status[status] = self.requests.labels(str(status))
+        child.inc()
+
+    def decided(self, target: str, region: str, forward: bool) -> None:
+        """Count one routing decision."""
+        key = (target, region, forward)
+        child = self._by_target.get(key)
+        if child is None:
+            child = self._by_target[key] = self.decisions.labels(target, region, "true" if forward else "false")
+        child.inc()
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

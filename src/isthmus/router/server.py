@@ -12,6 +12,7 @@ level (the bound port, also when the config asks for port 0).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -55,6 +56,30 @@ def run(config: RouterConfig) -> None:
         runner.run(_serve(config))
 
 
+async def _collect_garbage(period_s: float = 1.0, full_every: int = 60) -> None:
+    """The cycle collector, run on a timer instead of by allocation counts.
+
+    What exists once the router is up (modules, config, app, tables) lives as long as the process:
+    it is frozen out of the collector's sight. A request's objects are freed by reference counting
+    (the request path makes no cycles); what cycles remain (a failure's traceback, say) are
+    collected every ``period_s``, the older generation every ``full_every`` periods. Left to
+    allocation counts, collections start inside whichever request allocates at that moment: with
+    50 streams, a 0.2 ms young collection every sixth request and a 1.5-2 ms one every hundredth,
+    on the path to a first token.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        n = 0
+        while True:
+            await asyncio.sleep(period_s)
+            n += 1
+            gc.collect(2 if n % full_every == 0 else 1)
+    finally:
+        gc.enable()
+
+
 async def _serve(config: RouterConfig) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -67,9 +92,12 @@ async def _serve(config: RouterConfig) -> None:
         log.error("cannot listen on %s:%d: %s", config.listen.host, config.listen.port, exc)
         await server.shutdown(0.0)
         raise SystemExit(1) from None
+    collector = loop.create_task(_collect_garbage(), name="garbage collection")
     for url in urls:
         # always said, whatever the log level: whoever started the router learns the port here
         print(f"isthmus serve: routing on {url}", file=sys.stderr, flush=True)
     await stop.wait()
+    collector.cancel()
+    gc.enable()
     log.info("stopping: draining in-flight requests for up to %g s", config.drain_s)
     await server.shutdown(config.drain_s)

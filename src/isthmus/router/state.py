@@ -195,7 +195,7 @@ class ReplicaState:
         fresh = load is not None and now - self.scraped_at <= stale_after_s
         if fresh and load is not None and load.running is not None and load.waiting is not None:
             running = load.running
-            waiting = load.waiting + sum(n for e, n in self._fresh.items() if e >= self._applied_epoch)
+            waiting = load.waiting + sum(self._fresh.values())  # every epoch kept is >= the applied one
         else:
             running = self.streaming
             waiting = self.pending
@@ -336,6 +336,11 @@ class ClusterState:
         self._rtt_config = config.regions.rtt_s()
         self._intra_s = config.regions.intra_region_rtt_ms / 1000.0
         self._measure = config.regions.measure
+        # this region's replicas' probes, per region: what a measured RTT is the mean of
+        self._probes: dict[str, list[ReplicaState]] = {}
+        for r in self.replicas.values():
+            if r.local:
+                self._probes.setdefault(r.region, []).append(r)
         self.mirror: PrefixIndex | None = None
         self._engine_names: dict[str, BoundedHashMap] = {}  # per replica: engine block hash -> router hash
         self._mirror_capacity = 1  # the largest replica's KV blocks (bounds the engine names kept)
@@ -450,8 +455,7 @@ class ClusterState:
         """Smoothed probe RTT from this router to ``region``, seconds; ``nan`` when not measured."""
         if region in self.peers:
             return self.peers[region].rtt.value
-        vals = [r.rtt.value for r in self.replicas.values()
-                if r.local and r.region == region and r.health.up and r.rtt.value == r.rtt.value]
+        vals = [r.rtt.value for r in self._probes.get(region, ()) if r.health.up and r.rtt.value == r.rtt.value]
         return sum(vals) / len(vals) if vals else math.nan
 
     def rtt_s(self, a: str, b: str) -> float:
