@@ -103,6 +103,11 @@ def test_keep_alive_pipelining_query_and_lifespan() -> None:
         assert json.loads(first[2]) == {"method": "POST", "path": "/a", "query": "x=1", "body": 5,
                                         "version": "1.1", "started": True}
         assert "date" in first[1] and first[1].get("connection") != "close"
+        # percent-encoded and absolute-form targets (RFC 9112 §3.2.2) are decoded like plain ones
+        writer.write(b"GET /d%20e HTTP/1.1\r\nhost: h\r\n\r\nGET http://h/f?y=2 HTTP/1.1\r\nhost: h\r\n\r\n")
+        fourth, fifth = await _read_response(reader), await _read_response(reader)
+        assert json.loads(fourth[2])["path"] == "/d e"
+        assert (json.loads(fifth[2])["path"], json.loads(fifth[2])["query"]) == ("/f", "y=2")
         writer.close()
         await server.shutdown(1.0)
 

@@ -130,6 +130,11 @@ def _connection_tokens(value: bytes) -> frozenset[bytes]:
     return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
 
 
+def _too_large(limit: int) -> RouterHTTPError:
+    return RouterHTTPError(413, f"request body over the limit of {limit} bytes", "invalid_request_error",
+                           "request_too_large")
+
+
 class _ClientGone(Exception):
     """The client disconnected before its request body was read."""
 
@@ -451,18 +456,13 @@ class Router:
 
     async def _read_body(self, receive: Receive, declared: bytes | None) -> bytes:
         limit = self.config.limits.max_body_bytes
-
-        def too_large() -> RouterHTTPError:
-            return RouterHTTPError(413, f"request body over the limit of {limit} bytes", "invalid_request_error",
-                                   "request_too_large")
-
         if declared is not None:
             try:
                 size = int(declared)
             except ValueError:
                 raise RouterHTTPError(400, "invalid Content-Length") from None
             if size > limit:
-                raise too_large()
+                raise _too_large(limit)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -472,7 +472,7 @@ class Router:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise too_large()
+                raise _too_large(limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)

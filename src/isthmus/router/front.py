@@ -415,16 +415,24 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        url = httptools.parse_url(self._url)
-        raw_path = url.path
+        target = self._url
+        if target[:1] == b"/" and b"?" not in target and b"#" not in target:  # the usual origin-form
+            raw_path, query = target, b""
+        else:
+            url = httptools.parse_url(target)
+            raw_path, query = url.path, url.query or b""
         scope = dict(self.scope_base)
         scope["http_version"] = parser.get_http_version()
         scope["method"] = parser.get_method().decode("ascii")
-        scope["path"] = unquote(raw_path.decode("ascii", "replace"))
+        path = raw_path.decode("ascii", "replace")
+        scope["path"] = unquote(path) if "%" in path else path
         scope["raw_path"] = raw_path
-        scope["query_string"] = url.query or b""
+        scope["query_string"] = query
         scope["headers"] = self._headers
-        expect = any(k == b"expect" and v.lower() == b"100-continue" for k, v in self._headers)
+        expect = False
+        for k, v in self._headers:
+            if k == b"expect" and v.lower() == b"100-continue":
+                expect = True
         ex = _Exchange(self, scope, parser.should_keep_alive(), expect)
         self.parsing = ex
         if self.running is None:

@@ -30,7 +30,7 @@ class BadRequest(ValueError):
     """The body is not a request the router can route (message says why, for a 400 answer)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PromptInfo:
     """What the router reads of one request body.
 
