@@ -934,14 +934,14 @@ class ProxyResponse:
         if not streaming:
             body = await self._read_all(routed, resp)
             ctx.ttft_s = router.clock() - ctx.arrival
-            self._first_byte(routed)
-            if status < 300:
-                ctx.output_tokens = _usage_tokens(body)
             headers = self._response_headers(routed, resp)
             headers.append((b"content-length", str(len(body)).encode()))
             await self._send_start(send, status, headers)
             await send({"type": "http.response.body", "body": body, "more_body": False})
             self._finished = True
+            self._first_byte(routed)
+            if status < 300:
+                ctx.output_tokens = _usage_tokens(body)  # read once the client has its answer
             self._done(routed, ok=status < 400, backend_ok=status < 500)
             return
         # the answer's head is made while the first chunk is on its way (the headers usually come first)
