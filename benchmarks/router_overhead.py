@@ -9,13 +9,14 @@ every router with the same policy ``--policy``. Requests are streamed ``/v1/comp
 request to its first ``data:`` event. Phases, each run straight to the engines (round robin) and
 through every router:
 
-1. one at a time (``--single`` requests): the overhead of one hop with nothing else running;
+1. one at a time (``--single`` requests of one token): the overhead of one hop with nothing else running;
 2. open loop, per level N of ``--streams``: Poisson arrivals (the same gaps for every target) at
    ``--load-factor`` x the rate the engines sustain directly with N streams in a closed loop, each
-   request ``--max-tokens`` long, so that about N streams are in flight; a router's overhead is the
+   request ``--max-tokens`` long, so that about N streams are in flight (``--requests``, at least
+   ``--open-seconds`` of arrivals); a router's overhead is the
    difference of its TTFT percentiles and the direct run's;
 3. closed loop, per level N: N streams kept busy with short requests (``--closed-max-tokens``) until
-   ``--requests`` completed: the highest rate sustained with N concurrent streams.
+   ``--closed-requests`` completed: the highest rate sustained with N concurrent streams.
 
 Every router runs from the start, and each phase is run in ``--rounds`` rounds: in a round every
 target (direct, then each router) runs the phase once, in an order rotated from round to round, so
@@ -443,7 +444,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5,
                     help="rounds: in each, every target (direct and each router) runs every phase once, in an "
                          "order rotated from round to round")
-    ap.add_argument("--requests", type=int, default=400, help="requests per phase, level, target and round")
+    ap.add_argument("--requests", type=int, default=400,
+                    help="open loop: requests per phase, level, target and round (at least --open-seconds' worth)")
+    ap.add_argument("--open-seconds", type=float, default=8.0, help="open loop: shortest phase, seconds of arrivals")
+    ap.add_argument("--closed-requests", type=int, default=2000,
+                    help="closed loop: requests per phase, level, target and round")
     ap.add_argument("--engines", type=int, default=2)
     ap.add_argument("--time-scale", type=float, default=1.0, help="engine step times x this")
     ap.add_argument("--single", type=int, default=40,
@@ -529,16 +534,17 @@ def main() -> None:
                         run = make(targets[name], k)
                         per[name].append(asyncio.run(run) if name == "direct" else measure(procs[name].pid, run))
 
-            if args.single:
-                phase("single", lambda t, k: run_load(t, 1, args.single, prompt, args.max_tokens, warmup=5))
+            if args.single:  # one token each: only the first is timed
+                phase("single", lambda t, k: run_load(t, 1, args.single, prompt, 1, warmup=5))
             for n in levels:
                 # the open-loop rate: a fraction of what the engines sustain directly at n streams
                 calib = asyncio.run(run_load(urls, n, min(args.requests, 4 * n), prompt, args.max_tokens))
                 rates[str(n)] = rate = args.load_factor * calib["throughput_rps"]
-                phase(f"open{n}", lambda t, k, rate=rate: run_open(t, rate, args.requests, prompt, args.max_tokens,
-                                                                   args.seed + k))
-                phase(f"closed{n}", lambda t, k, n=n: run_load(t, n, args.requests, prompt, args.closed_max_tokens,
-                                                               extra=fast))
+                count = max(args.requests, round(rate * args.open_seconds))
+                phase(f"open{n}", lambda t, k, rate=rate, count=count: run_open(t, rate, count, prompt,
+                                                                                 args.max_tokens, args.seed + k))
+                phase(f"closed{n}", lambda t, k, n=n: run_load(t, n, args.closed_requests, prompt,
+                                                               args.closed_max_tokens, extra=fast))
             for name, proc in procs.items():
                 routers[name]["rss_mb_after"] = rss_mb(proc.pid)
         finally:
@@ -559,7 +565,8 @@ def main() -> None:
     backend = (f"fake backends (first token {args.fake_ttft_ms:g} ms, then one every {args.fake_itl_ms:g} ms)"
                if args.backend == "fake" else f"engine doubles (time scale {args.time_scale})")
     print(f"{args.engines} {backend}; {rounds} rounds, each running every target in turn (order rotated), "
-          f"{args.requests} requests per phase and round; policy {args.policy}; {psutil.cpu_count()} cores shared "
+          f"open loop {args.requests}+ requests ({args.open_seconds:g}+ s) and closed loop {args.closed_requests} "
+          f"per phase and round; policy {args.policy}; {psutil.cpu_count()} cores shared "
           f"by everything; load average {min(load_avg, default=0):.1f}-{max(load_avg, default=0):.1f}")
     for name, info in routers.items():
         if not info["available"]:
