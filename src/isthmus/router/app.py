@@ -716,7 +716,7 @@ class ProxyResponse:
     which closes the upstream connection.
     """
 
-    __slots__ = ("_events", "_finished", "_gone", "_pipe", "_started", "_tail", "ctx", "router")
+    __slots__ = ("_events", "_finished", "_gone", "_pipe", "_resp", "_started", "_tail", "ctx", "router")
 
     def __init__(self, router: Router, ctx: RequestContext) -> None:
         self.router = router
@@ -725,6 +725,7 @@ class ProxyResponse:
         self._finished = False
         self._gone = False
         self._pipe: BodyPipe | None = None
+        self._resp: UpstreamResponse | None = None  # the response being piped
         self._tail = b""
         self._events = 0
 
@@ -967,8 +968,9 @@ class ProxyResponse:
             if not done and pipe is not None:
                 # the rest goes from the upstream connection's callback straight to the client's
                 self._tail = first
+                self._resp = resp
                 try:
-                    await resp.pipe(lambda chunk: self._piped(chunk, pipe, resp))
+                    await resp.pipe(self._piped)
                 except UpstreamTimeout:
                     failure = f"upstream {ctx.target} stalled for over {router.config.timeouts.idle_s:g} s"
                 except UpstreamError:
@@ -1008,11 +1010,16 @@ class ProxyResponse:
         ctx.output_tokens = max(0, self._events - (b"[DONE]" in tail))
         self._done(routed, ok=True, backend_ok=True)
 
-    def _piped(self, chunk: bytes, pipe: BodyPipe, resp: UpstreamResponse) -> None:
+    def _piped(self, chunk: bytes) -> None:
+        """One chunk of the piped rest of a stream (called from the upstream connection's parser)."""
+        pipe = self._pipe
+        assert pipe is not None
         pipe.write_body(chunk)
         self._events += chunk.count(b"data:")
         self._tail = chunk
         if pipe.paused:  # the client reads slower than the upstream writes: stop reading upstream
+            resp = self._resp
+            assert resp is not None
             resp.pause_reading()
             pipe.on_resume(resp.resume_reading)
 
