@@ -191,14 +191,35 @@ def test_dense_tables_behave_like_the_reference(capacities, ops, queries, seed, 
         run_against_reference(capacities, ops, queries, seed)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=4), st.lists(op, max_size=40), st.lists(tokens, max_size=3),
+       st.integers(0, 2**32), st.integers(1, 8), st.integers(0, 2), st.sampled_from([0, 16]), st.booleans(),
+       st.sampled_from([2, 0xFFFF]))
+def test_index_behaves_like_the_reference_across_paths(capacities, ops, queries, seed, one_by_one, few, few_runs, dense,
+                                                       saturated):
+    # prompts up to `one_by_one` blocks go a block at a time and longer ones through numpy, on the same tables;
+    # a vectorised round leaves at most `few` keys to plain Python (so several rounds run), pass-over counts
+    # change in plain Python for up to `few_runs` entries, through numpy beyond; tables may be 95 % full at
+    # capacity, counts may stop at 2
+    load = 0.95 if dense else None
+    with mock.patch.object(prefix_index, "_ONE_BY_ONE", one_by_one), mock.patch.object(
+            prefix_index, "_FEW_REMOVED", one_by_one), mock.patch.object(prefix_index, "_FEW", few), mock.patch.object(
+            prefix_index, "_FEW_RUNS", few_runs), mock.patch.object(
+            prefix_index, "_HOLDERS_LOAD", load or prefix_index._HOLDERS_LOAD), mock.patch.object(
+            prefix_index, "_LRU_LOAD", load or prefix_index._LRU_LOAD), mock.patch.object(
+            prefix_index, "_SATURATED", saturated):
+        run_against_reference(capacities, ops, queries, seed)
+
+
 def random_prompt(rng: random.Random, n: int) -> list[int]:
     return [rng.getrandbits(64) - 2**63 for _ in range(n)]
 
 
-@pytest.mark.parametrize(("one_by_one", "others"), [(0, 0), (300, 0), (0, 67), (300, 67)])
+@pytest.mark.parametrize(("one_by_one", "others"), [(0, 0), (300, 0), (64, 0), (0, 67), (300, 67)])
 def test_long_prompts_and_turnover_against_the_reference(one_by_one, others):
     """Capacities of hundreds of blocks, prompts up to 300 blocks, continued or new: the ring logs
-    wrap and get compacted, the tables churn (``others``: more replicas, beyond 64 in all)."""
+    wrap and get compacted, the tables churn (``others``: more replicas, beyond 64 in all; with
+    ``one_by_one`` 64, prompts go either way on the same tables)."""
     rng = random.Random(7)
     cap = {**{f"o{k}": 0 for k in range(others)}, "a": 300, "b": 500, "c": 40}  # a, b, c past bit 64 then
     index, ref = PrefixIndex(cap), ReferenceIndex(cap)

@@ -26,9 +26,12 @@ in plain Python on memoryviews. The other tables are bucketised (groups of 8, a 
 of the first group from its home that has one), which keeps clusters short under churn.
 
 Batches and single blocks. A batch of keys (a long prompt, a batch of KV events) is looked up,
-inserted or deleted with a few dozen numpy calls, eight slots per key at a time; short prompts (up
-to ``_ONE_BY_ONE`` blocks) and short removals are done a block at a time in plain Python over the
-same tables, which costs less than those calls.
+inserted or deleted with numpy calls over a window of slots per key; the few keys a round leaves
+(not settled by their window, or beaten to a slot by another key of the batch) are finished in plain
+Python, and so are pass-over counts that only a few entries change. A numpy call costs about what 10
+to 30 lines of plain Python do, and a batch takes about a hundred of them whatever its size, while a
+block takes some 45 lines: short prompts (up to ``_ONE_BY_ONE`` blocks) and short removals are done
+a block at a time in plain Python over the same tables.
 
 Order (``_Order``): an LRU or FIFO is a ring log of slots in the order their entries were (re)placed,
 plus each slot's position in it. Making an entry the most recent appends it again; its older log
@@ -67,9 +70,11 @@ _MULTIPLIER_U64 = np.uint64(_MULTIPLIER)
 _U32 = np.uint64(32)
 _WINDOW = 8  # slots a vectorised probe reads per key and round (8 bool bytes make one uint64)
 _OFFSETS = np.arange(_WINDOW, dtype=np.intp)
+_TWO_GROUPS = np.arange(2 * _WINDOW, dtype=np.intp)  # the window of a key in groups of 8
 _FEW = 8  # keys left after a vectorised round that plain Python finishes sooner than another round
-_ONE_BY_ONE = 96  # prompts up to this many blocks are recorded a block at a time, in plain Python
+_ONE_BY_ONE = 64  # prompts up to this many blocks are recorded a block at a time, in plain Python
 _WALK_ONE_BY_ONE = 32  # match (without nesting) looks this many blocks up one at a time before numpy
+_FEW_RUNS = 16  # pass-over counts of up to this many entries are changed in plain Python
 _FEW_REMOVED = 8  # removals of up to this many blocks (and names) go one at a time, in plain Python
 _SATURATED = 0xFFFF  # a pass-over count stops here and stays (lookups then go further: correct, slower)
 _ONE16 = np.uint16(1)  # (a Python int would send ufunc.at down its slow, casting path)
@@ -121,7 +126,7 @@ def _has_duplicates(a: npt.NDArray[Any]) -> bool:
     if len(a) < 2:
         return False
     s = np.sort(a)
-    return bool((s[1:] == s[:-1]).any())
+    return bool(np.count_nonzero(s[1:] == s[:-1]))
 
 
 def _first_occurrences(a: Keys) -> Keys:
@@ -130,6 +135,14 @@ def _first_occurrences(a: Keys) -> Keys:
         return a
     _, first = np.unique(a, return_index=True)
     return a[np.sort(first)]
+
+
+def _runs(first: Idx, lengths: Idx) -> Idx:
+    """``first[j], first[j] + 1, ..., first[j] + lengths[j] - 1`` for each ``j`` in turn (lengths > 0)."""
+    ends = np.cumsum(lengths)
+    out = np.repeat(first + lengths - ends, lengths)  # first[j] minus where its run starts in out
+    out += np.arange(int(ends[-1]))
+    return out
 
 
 class _Table:
@@ -164,7 +177,7 @@ class _Table:
         self.groups = n = _next_prime(int(entries / load / group) + 2)
         self.mult = _MULTIPLIER % n or 1
         self._fib = np.uint64(n)
-        self._scale = np.uint64((n << 32) // key_range) if key_range else None
+        self._scale = (n << 32) // key_range if key_range else None
         self.length = length = n * group + _WINDOW  # slots probed
         self.keys: npt.NDArray[Any] = _committed(length + 1, key_dtype)
         self.over = _committed(length >> self.shift, np.uint16)
@@ -180,7 +193,14 @@ class _Table:
         return own + self.live.nbytes if self._own_live else own
 
     def home(self, keys: npt.NDArray[Any]) -> Idx:
-        """First slot of each key's home group.
+        """First slot of each key's home group (see :meth:`home_group`)."""
+        h = self.home_group(keys)
+        if self.shift:
+            h <<= self.shift
+        return h
+
+    def home_group(self, keys: npt.NDArray[Any]) -> Idx:
+        """Each key's home group.
 
         Groups of 1 (int64 keys, probed one at a time too): ``(key mod n) * c mod n`` for the prime
         number of groups ``n`` and a constant ``c``, a multiplicative hash Python computes on small
@@ -188,18 +208,18 @@ class _Table:
         hash) scaled to ``n``; other keys, the top 32 bits of ``key * 0x9E3779B97F4A7C15 mod 2**64``
         scaled to ``n`` (Fibonacci hashing).
         """
+        h: Idx
         if self.shift:
-            if self._scale is not None:
-                x = keys.astype(np.uint64)
-                x *= self._scale
-            else:
-                x = keys.view(np.uint64) * _MULTIPLIER_U64
-                x >>= _U32
-                x *= self._fib
+            if self._scale is not None:  # (key * scale < n * 2**32: int64 arithmetic will do)
+                h = keys.astype(np.intp)
+                h *= self._scale
+                h >>= 32
+                return h
+            x = keys.view(np.uint64) * _MULTIPLIER_U64
             x >>= _U32
-            h: Idx = x.astype(np.intp)
-            h <<= self.shift
-            return h
+            x *= self._fib
+            x >>= _U32
+            return x.astype(np.intp)
         h = np.remainder(keys, self.groups, dtype=np.int64)
         h *= self.mult
         h %= self.groups
@@ -209,39 +229,46 @@ class _Table:
         """:meth:`home` of one key (a signed 64-bit int)."""
         if self.shift:
             if self._scale is not None:
-                return key * int(self._scale) >> 32 << self.shift
+                return key * self._scale >> 32 << self.shift
             return (((key & _M64) * _MULTIPLIER & _M64) >> 32) * self.groups >> 32 << self.shift
         return key % self.groups * self.mult % self.groups
 
     def find(self, keys: npt.NDArray[Any], home: Idx | None = None) -> Idx:
-        """The slot of each of ``keys`` (``home``: their :meth:`home`, if known), -1 where absent."""
+        """The slot of each of ``keys`` (``home``: their :meth:`home`, if known), -1 where absent.
+
+        Groups of 1: the home slot first, then windows of 8 slots from the slot after it; groups of 8:
+        windows of two groups (most keys a group does not hold are in the next one). A key goes on past
+        a window only if entries passed each of its slots (groups); the last few keys are looked for in
+        plain Python.
+        """
         m = len(keys)
         if not m:
             return np.empty(0, np.intp)
         start = self.home(keys) if home is None else home
         rows_of: Idx | None = None  # the rows of out the current keys are (None: all)
-        check = self._own_live and not keys.all()  # key 0 matches freed slots: check those are live
+        check = self._own_live and np.count_nonzero(keys) < m  # key 0 matches freed slots: check those are live
         if not self.shift:  # the home slot first
-            hit = self.keys.take(start) == keys
+            hit = self.keys[start] == keys
             if check:
-                hit &= self.live.take(start) != 0
+                hit &= self.live[start] != 0
             out = np.where(hit, start, -1)
-            more = self.over.take(start) != 0
-            more &= ~hit
+            more = self.over[start] != 0
+            more[hit] = False
             rows_of = more.nonzero()[0]
             if not len(rows_of):
                 return out
             keys, start = keys[rows_of], start[rows_of] + 1
         else:
             out = np.full(m, -1, np.intp)
-        length = self.length
+        length, shift = self.length, self.shift
+        offsets = _TWO_GROUPS if shift else _OFFSETS
         for lap in range(length // _WINDOW + 2):
             if len(keys) <= _FEW and rows_of is not None:
                 for j, k, s in zip(rows_of.tolist(), keys.tolist(), start.tolist(), strict=True):
-                    out[j] = self._find_one(k, s % length)
+                    out[j] = self._find_one(k, s)
                 return out
-            window = start[:, None] + _OFFSETS
-            if lap or not self.shift:
+            window = start[:, None] + offsets
+            if lap:  # (a first window, from a home or the slot after it, ends before the table does)
                 window %= length
             match = self.keys.take(window) == keys[:, None]
             if check:
@@ -251,15 +278,19 @@ class _Table:
                 out[rows if rows_of is None else rows_of[rows]] = window[rows, cols]
                 if len(rows) == len(keys):
                     return out
-            # not in the window: further on only if some entry passed the last group the window ended
-            more = self.over.take((((start + _WINDOW) >> self.shift) - 1) % len(self.over)) != 0
+            # not in the window: further on only if entries passed each of its slots (its groups)
+            if shift:
+                more = self.over[window[:, 0] >> shift] != 0
+                more &= self.over[window[:, _WINDOW] >> shift] != 0
+            else:
+                more = (self.over.take(window) == 0).view(np.uint64).ravel() == 0  # (8 bools make one uint64)
             more[rows] = False
             rest = more.nonzero()[0]
             if not len(rest):
                 return out
             rows_of = rest if rows_of is None else rows_of[rest]
             keys = keys[rest]
-            start = (start[rest] + _WINDOW) % length
+            start = (window[rest, -1] + 1) % length
         return out
 
     def _find_one(self, key: int, s: int) -> int:
@@ -309,78 +340,83 @@ class _Table:
 
     def insert(self, keys: npt.NDArray[Any], fill: Any, home: Idx | None = None) -> Idx:
         """Take a free slot for each of ``keys`` (distinct, none of them present) by writing ``fill``
-        into ``live`` there (nothing more when ``live`` is ``keys``); return the slots."""
-        if not len(keys):
-            return np.empty(0, np.intp)
-        if home is None:
-            home = self.home(keys)
-        slots = self._place(keys, home, fill)
-        self._count(home, slots, 1)
-        return slots
+        into ``live`` there (nothing more when ``live`` is ``keys``); return the slots.
 
-    def _place(self, keys: npt.NDArray[Any], start: Idx, fill: Any) -> Idx:
-        """A free slot for each key from its ``start`` on, taken (see :meth:`insert` and the class
-        docstring). Keys claiming the same slot: the write that lands wins, the others look again."""
-        table, length, grouped = self.keys, self.length, self.shift > 0
-        slots = np.empty(len(keys), np.intp)
+        In rounds, each key reads a window from where it is (its home, first): 8 slots with groups of
+        1, two groups with groups of 8 (a full home group is common at high load, two in a row are
+        not). It claims the window's first free slot, or goes on after the window when it has none.
+        Keys claiming the same slot: the write that lands wins, the others look again from there. Each
+        round adds the slots (groups) the keys passed to the pass-over counts; the last few keys are
+        placed in plain Python.
+        """
+        m = len(keys)
+        if not m:
+            return np.empty(0, np.intp)
+        start = self.home(keys) if home is None else home
+        table, live, length, shift = self.keys, self.live, self.length, self.shift
+        slots = np.empty(0, np.intp)  # (made if some keys need another round)
         rows_of: Idx | None = None  # the rows of slots the current keys are (None: all)
-        if not grouped:  # the home slot first
-            free = (self.live.take(start) == 0).nonzero()[0]
-            if len(free):
-                c, k = start[free], keys[free]
-                table[c] = k
-                won = table.take(c) == k
-                taken = c[won]
-                if self._own_live:
-                    self.live[taken] = fill
-                if len(taken) == len(keys):
-                    return start.copy()
-                slots[free[won]] = taken
-                rest = np.ones(len(keys), bool)
-                rest[free[won]] = False
-                rows_of = rest.nonzero()[0]
-            else:
-                rows_of = np.arange(len(keys))
-            keys, start = keys[rows_of], start[rows_of]
-        for lap in range(length + len(keys)):
-            if rows_of is not None and len(keys) <= _FEW:
-                for j, k, s in zip(rows_of.tolist(), keys.tolist(), start.tolist(), strict=True):
-                    slots[j] = self._place_one(k, s, fill)
-                return slots
-            if grouped:  # each key scans its group from another offset, so that few claim the same slot
-                turn = (np.arange(lap, lap + len(keys)) & (_WINDOW - 1))[:, None]
-                window = start[:, None] + ((turn + _OFFSETS) & (_WINDOW - 1))
-            else:
-                window = start[:, None] + _OFFSETS
+        for lap in range(length + m):
+            n = len(keys)
+            # (from a home, a window ends before the table does: the 8 spare slots, the spare group)
+            window = start[:, None] + (_TWO_GROUPS if shift else _OFFSETS)
+            if lap:
                 window %= length
-            free_w = self.live.take(window) == 0
-            claim: Idx = window.ravel().take(free_w.argmax(axis=1) + np.arange(0, free_w.size, _WINDOW))
-            has = free_w.view(np.uint64).ravel() != 0
-            if has.all():
+            free = np.logical_not(live.take(window))
+            first = free.argmax(axis=1)  # (0 without room)
+            claim: Idx = start + first
+            if lap:
+                claim %= length
+            word = free.view(np.uint64)  # (8 bools make one uint64)
+            room = (word[:, 0] | word[:, 1] if shift else word.ravel()).astype(bool)
+            n_room = np.count_nonzero(room)
+            if n_room == n:
                 table[claim] = keys
-                won = table.take(claim) == keys
-            else:  # no free slot in some windows: those go on after them
-                won = np.zeros(len(keys), bool)
-                c, k = claim[has], keys[has]
-                table[c] = k
-                won[has] = table.take(c) == k
-                claim[~has] = ((start[~has] & ~(_WINDOW - 1)) if grouped else start[~has]) + _WINDOW
-                claim[~has] %= length
-            if won.all():
-                if self._own_live:
-                    self.live[claim] = fill
+            elif n_room:
+                table[claim[room]] = keys[room]
+            won = table[claim] == keys  # (without room: another key's slot, the first read)
+            n_won = np.count_nonzero(won)
+            if self._own_live:
+                live[claim if n_won == n else claim[won]] = fill
+            if shift:  # passed over: the first group, when the slot is in the second; both without room
+                if n_room == n:
+                    at = start[first >= _WINDOW]
+                else:
+                    first[~room] = _WINDOW
+                    at = np.concatenate([start[first >= _WINDOW], window[~room, _WINDOW]])
+                if len(at):
+                    at >>= shift
+                    self._bump(at)
+            else:  # passed over: the slots before the one claimed, the 8 of the window without room
+                if n_room < n:
+                    first[~room] = _WINDOW
+                if np.count_nonzero(first) > _FEW_RUNS:
+                    self._add(window[first[:, None] > _OFFSETS], 1)
+                else:
+                    moved = first.nonzero()[0]
+                    if len(moved):
+                        self._count_runs(start[moved], first[moved], 1)
+            if n_won == n:
                 if rows_of is None:
                     return claim
                 slots[rows_of] = claim
                 return slots
-            if self._own_live:
-                self.live[claim[won]] = fill
-            slots[won.nonzero()[0] if rows_of is None else rows_of[won]] = claim[won]
+            if rows_of is None:
+                slots = claim
+            else:
+                slots[rows_of] = claim
             lost = (~won).nonzero()[0]
-            rows_of = lost if rows_of is None else rows_of[lost]
-            keys, start = keys[lost], claim[lost]
-            if grouped:  # look again in the group claimed (the next one for those that found none)
-                start &= ~(_WINDOW - 1)
+            # on from the slot claimed (its group, with groups of 8), or after a window without room
+            if len(lost) <= _FEW:
+                for j in lost.tolist():
+                    s = int(claim[j]) & ~((1 << shift) - 1) if room[j] else (int(window[j, -1]) + 1) % length
+                    slot = self._place_one(int(keys[j]), s, fill)
+                    self._count_one(s, slot, 1)
+                    slots[j if rows_of is None else rows_of[j]] = slot
+                return slots
+            on = np.where(room, claim & ~((1 << shift) - 1), window[:, -1] + 1)[lost]
+            on %= length
+            rows_of, keys, start = lost if rows_of is None else rows_of[lost], keys[lost], on
         raise RuntimeError("prefix index: hash table full")  # callers keep the entries below the size
 
     def _place_one(self, key: int, s: int, fill: Any) -> int:
@@ -397,12 +433,13 @@ class _Table:
                 s = 0
         raise RuntimeError("prefix index: hash table full")  # callers keep the entries below the size
 
-    def delete(self, slots: Idx) -> None:
-        """Free ``slots`` (distinct, taken)."""
+    def delete(self, slots: Idx, keys: npt.NDArray[Any] | None = None, live: bool = True) -> None:
+        """Free ``slots`` (distinct, taken; ``keys``: the keys there, if read already; ``live``: False if
+        the owner has already set ``live`` to 0 there)."""
         if len(slots):
-            self._count(self.home(self.keys.take(slots)), slots, -1)
+            self._uncount(self.home_group(self.keys[slots] if keys is None else keys), slots)
             self.keys[slots] = 0
-            if self._own_live:
+            if live and self._own_live:
                 self.live[slots] = 0
 
     def clear(self) -> None:
@@ -410,39 +447,56 @@ class _Table:
         self.over.fill(0)
         self.live.fill(0)
 
-    def _count(self, home: Idx, slots: Idx, step: int) -> None:
-        """Add ``step`` (1 or -1) to the pass-over counts of the groups from each ``home``'s to the one
-        before its slot's."""
-        shift = self.shift
-        groups = len(self.over)
-        first = home >> shift
-        gap = (slots >> shift) - first
-        gap %= groups
-        moved = gap.nonzero()[0]
-        if not len(moved):
-            return
-        if len(moved) <= _FEW:
+    def _bump(self, at: Idx) -> None:
+        """Add 1 to the pass-over counts of the groups ``at``, once per occurrence (see :meth:`_add`)."""
+        if len(at) <= _FEW_RUNS:
             over = self._over_mv
-            for g0, d in zip(first[moved].tolist(), gap[moved].tolist(), strict=True):
+            for g in at.tolist():
+                v = over[g]
+                if v != _SATURATED:
+                    over[g] = v + 1
+        else:
+            self._add(at, 1)
+
+    def _count_runs(self, first: Idx, lengths: Idx, step: int) -> None:
+        """Add ``step`` (1 or -1) to the pass-over counts of the groups ``first[j]`` to ``first[j] +
+        lengths[j] - 1`` (modulo their number; lengths > 0), for each ``j`` (see :meth:`_add`)."""
+        groups = len(self.over)
+        if len(first) <= _FEW_RUNS:
+            over = self._over_mv
+            for g0, d in zip(first.tolist(), lengths.tolist(), strict=True):
                 for g in range(g0, g0 + d):
-                    g = g - groups if g >= groups else g
+                    if g >= groups:
+                        g -= groups
                     v = over[g]
                     if v != _SATURATED:
                         over[g] = v + step
-            return
-        gap = gap[moved]
-        total = int(gap.sum())
-        ramp = np.arange(total) - np.repeat(np.cumsum(gap) - gap, gap)
-        passed = (np.repeat(first[moved], gap) + ramp) % groups
-        over_a = self.over
-        now = over_a[passed]
-        if step < 0:
-            np.subtract.at(over_a, passed[now != _SATURATED], _ONE16)
-        elif int(now.max()) + total < _SATURATED:
-            np.add.at(over_a, passed, _ONE16)
         else:
-            u, times = np.unique(passed, return_counts=True)
-            over_a[u] = np.minimum(over_a[u].astype(np.int64) + times, _SATURATED)
+            at = _runs(first, lengths)
+            at %= groups
+            self._add(at, step)
+
+    def _add(self, at: Idx, step: int) -> None:
+        """Add ``step`` (1 or -1) to the pass-over counts of the groups ``at``, once per occurrence. A count
+        at the top stays there. (A few are changed in plain Python by the callers.)"""
+        over = self.over
+        if step < 0:
+            np.subtract.at(over, at[over[at] != _SATURATED], _ONE16)
+        elif int(over[at].max()) + len(at) < _SATURATED:
+            np.add.at(over, at, _ONE16)
+        else:  # (some count may reach the top)
+            u, times = np.unique(at, return_counts=True)
+            over[u] = np.minimum(over[u].astype(np.int64) + times, _SATURATED)
+
+    def _uncount(self, home: Idx, slots: Idx) -> None:
+        """Take 1 from the pass-over counts of the groups from each home group to the one before its
+        slot's (entries about to go)."""
+        gap = (slots >> self.shift if self.shift else slots) - home  # (negative if the probe wrapped around)
+        moved = gap.nonzero()[0]
+        if len(moved):
+            gap = gap[moved]
+            gap %= len(self.over)
+            self._count_runs(home[moved], gap, -1)
 
 
 class _Order:
@@ -489,6 +543,13 @@ class _Order:
         log, pos = self.log, self.pos
         length = len(log)
         head, tail = self.head, self.tail
+        i = head % length
+        if i + n <= length and head + n <= tail:  # the n oldest log entries, if none of them is stale (most often)
+            slots = log[i:i + n].astype(np.intp)
+            if np.count_nonzero(pos[slots] == np.arange(head + 1, head + n + 1, dtype=np.uint32)) == n:
+                self.head = head + n
+                pos[slots] = 0
+                return slots
         parts: list[npt.NDArray[np.uint32]] = []
         need = n
         while need > 0:
@@ -534,7 +595,7 @@ class _ReplicaLru:
     def __init__(self, capacity: int, holders_slots: int) -> None:
         self.capacity = capacity
         self.table = _Table(capacity, _LRU_LOAD, np.uint32, group=8, key_range=holders_slots + 1)
-        self.scale = int(self.table._scale or 0)  # home group of key k: k * scale >> 32
+        self.scale = self.table._scale or 0  # home group of key k: k * scale >> 32
         self.order = _Order(_committed(len(self.table.keys), np.uint32), capacity)
         self.count = 0
 
@@ -665,33 +726,50 @@ class PrefixIndex:
         home = self._holders.home(keys)
         hs = self._holders.find(keys, home)
         held = self._held_by(hs, i)
-        n_held = int(np.count_nonzero(held))
+        n_held = np.count_nonzero(held)
         if n_held == m:  # all there already: only their order changes
             lru.order.push(lru.table.find(_lru_keys(hs))[::-1])
             return
-        slots = np.empty(m, np.intp)
-        fresh = (~held).nonzero()[0]
-        if n_held:
+        slots: Idx | None = None  # the LRU slot of each key (None while none is held)
+        if n_held:  # the keys held move to the recent end; the others (fresh) are added
+            fresh = (~held).nonzero()[0]
             old = held.nonzero()[0]
+            slots = np.empty(m, np.intp)
             slots[old] = lru.table.find(_lru_keys(hs[old]))
-        over = lru.count + len(fresh) - lru.capacity
+            keys, home, hs = keys[fresh], home[fresh], hs[fresh]
+        over = lru.count + len(keys) - lru.capacity
         if over > 0:
-            if n_held:
+            if slots is not None:
                 lru.order.detach(slots[old])  # (they are about to be appended: not evicted)
             self._evict(i, over)
-        hf = hs[fresh]
-        unseen = (hf < 0).nonzero()[0]
-        if len(unseen) < len(fresh):  # held by other replicas
-            self._add_holder(hf[hf >= 0], i)
-        if len(unseen):
-            u = fresh[unseen]
-            new = self._holders.insert(keys[u], self._bits[i] if self._fill is None else self._fill, home[u])
+        hs = self._hold(i, keys, home, hs)
+        new = lru.table.insert(hs + 1, None)  # (the LRU keys: holders slots + 1)
+        lru.count += len(keys)
+        if slots is None:
+            slots = new
+        else:
+            slots[fresh] = new
+        lru.order.push(slots[::-1])
+
+    def _hold(self, i: int, keys: Keys, home: Idx, hs: Idx) -> Idx:
+        """Make replica ``i`` a holder of ``keys`` (distinct, not held by it), whose holders slots are
+        ``hs`` (-1: none yet, the keys then get an entry; ``home``: their holders home). The slots."""
+        unseen = hs < 0
+        n_unseen = np.count_nonzero(unseen)
+        if n_unseen < len(hs):  # held by other replicas
+            self._add_holder(hs[~unseen] if n_unseen else hs, i)
+        if n_unseen:
+            fill = self._bits[i] if self._fill is None else self._fill
+            if n_unseen == len(hs):
+                hs = self._holders.insert(keys, fill, home)
+                new = hs
+            else:
+                u = unseen.nonzero()[0]
+                new = self._holders.insert(keys[u], fill, home[u])
+                hs[u] = new
             if self._wide:
                 self._add_holder(new, i)
-            hf[unseen] = new
-        slots[fresh] = lru.table.insert(_lru_keys(hf), None)
-        lru.count += len(fresh)
-        lru.order.push(slots[::-1])
+        return hs
 
     def _record_one_by_one(self, i: int, block_hashes: Sequence[int] | Keys) -> None:
         """:meth:`record` in plain Python, a block at a time, on memoryviews of the same tables (for
@@ -700,7 +778,9 @@ class PrefixIndex:
         The blocks are touched last to first, each becoming the most recent, and the least recently
         used block goes whenever a new one would exceed the capacity; the state of an LRU depends
         only on the order of the touches, so this ends where the batch path does. The probing,
-        placement and pass-over counting are those of :class:`_Table`, written out inline.
+        placement and pass-over counting are those of :class:`_Table`, written out inline (a new LRU
+        entry looks for a free slot of its group from the group's end: batches fill groups from the
+        front).
         """
         lru = self._replicas[i]
         cap = lru.capacity
@@ -717,6 +797,7 @@ class PrefixIndex:
         bit, unbit = 1 << i, ~(1 << i)
         if min(block_hashes) < -_HALF or max(block_hashes) >= _HALF:  # other ints: as 64-bit keys
             block_hashes = [_signed64(h) for h in block_hashes]
+        sat = _SATURATED  # (read here: tests lower it)
         for h in reversed(block_hashes):
             # the holders slot of h (linear probing from its home; -1: absent)
             s = home = h % hn * hc % hn
@@ -731,68 +812,69 @@ class PrefixIndex:
                 while lkeys[e] != k:
                     e = e + 1 if e + 1 < llen else 0
             else:
-                if count >= cap:  # evict the least recently used: the oldest live log entry
-                    while True:
+                if count < cap:
+                    count += 1
+                else:  # evict the least recently used (the count stays): the oldest live log entry
+                    old = log[head % loglen]
+                    head += 1
+                    while pos[old] != head:
                         old = log[head % loglen]
                         head += 1
-                        if pos[old] == head:
-                            break
-                    limit = min(head + loglen, _LAST_POSITION) - 1
                     pos[old] = 0
                     k = lkeys[old]
                     lkeys[old] = 0
-                    g, end = k * lscale >> 32, old >> 3
-                    while g != end:  # it had passed over groups: not any more
-                        if lover[g] != _SATURATED:
+                    g = k * lscale >> 32
+                    while g != old >> 3:  # it had passed over groups: not any more
+                        if lover[g] != sat:
                             lover[g] -= 1
                         g = g + 1 if g + 1 < lgroups else 0
-                    count -= 1
-                    gone = k - 1
-                    left = masks[gone] & unbit
-                    masks[gone] = left
+                    k -= 1  # its holders slot
+                    left = masks[k] & unbit
+                    masks[k] = left
                     if not left:  # nobody holds it now: free its holders slot
-                        g = hkeys[gone] % hn * hc % hn
-                        hkeys[gone] = 0
-                        while g != gone:
-                            if hover[g] != _SATURATED:
+                        g = hkeys[k] % hn * hc % hn
+                        hkeys[k] = 0
+                        while g != k:
+                            if hover[g] != sat:
                                 hover[g] -= 1
                             g = g + 1 if g + 1 < hlen else 0
                 if s < 0:  # a new holders entry, in the first free slot from home
                     s = home
                     while masks[s]:
-                        if hover[s] != _SATURATED:
+                        if hover[s] != sat:
                             hover[s] += 1
                         s = s + 1 if s + 1 < hlen else 0
                     hkeys[s] = h
                     masks[s] = bit
                 else:
                     masks[s] |= bit
-                k = s + 1  # a new LRU entry: a free slot of its home group, looked for from an offset
-                g = (k * lscale >> 32) << 3
-                e = g | k & 7
-                if lkeys[e]:
-                    e = g | (e + 1) & 7
-                    while lkeys[e] and e != g | k & 7:
-                        e = g | (e + 1) & 7
-                    if lkeys[e]:  # the group is full: the first free slot after it, passing it over
-                        if lover[g >> 3] != _SATURATED:
-                            lover[g >> 3] += 1
-                        e = g + 8
+                k = s + 1  # a new LRU entry: a free slot of its home group, looked for from the group's end
+                g = (k * lscale >> 32) << 3  # (batches fill groups from the front)
+                e = g + 7
+                while lkeys[e] and e != g:
+                    e -= 1
+                if lkeys[e]:  # the group is full: the first free slot after it, passing over the full groups
+                    e = g + 8
+                    while lkeys[e]:  # (the slot at -1, after the last, is always free: the scan stops there)
+                        e += 1
+                    if e == llen:
+                        e = 0
                         while lkeys[e]:
                             e += 1
-                            if not e & 7:
-                                if lover[(e >> 3) - 1] != _SATURATED:
-                                    lover[(e >> 3) - 1] += 1
-                                if e == llen:
-                                    e = 0
+                    g >>= 3
+                    while g != e >> 3:
+                        if lover[g] != sat:
+                            lover[g] += 1
+                        g = g + 1 if g + 1 < lgroups else 0
                 lkeys[e] = k
-                count += 1
-            if tail >= limit:
-                pos[e] = _DETACHED
-                order.head, order.tail = head, tail
-                order._compact()
-                head, tail = order.head, order.tail
+            if tail >= limit:  # (head has moved on since limit was set: it may be further now)
                 limit = min(head + loglen, _LAST_POSITION) - 1
+                if tail >= limit:
+                    pos[e] = _DETACHED
+                    order.head, order.tail = head, tail
+                    order._compact()
+                    head, tail = order.head, order.tail
+                    limit = min(head + loglen, _LAST_POSITION) - 1
             log[tail % loglen] = e
             tail += 1
             pos[e] = tail
@@ -820,9 +902,10 @@ class PrefixIndex:
         if _has_duplicates(hs):
             hs = np.unique(hs)
         lru = self._replicas[i]
-        ls = lru.table.find(_lru_keys(hs))
+        lk = _lru_keys(hs)
+        ls = lru.table.find(lk)
         lru.order.drop(ls)
-        lru.table.delete(ls)
+        lru.table.delete(ls, lk)
         lru.count -= len(ls)
         self._drop_holder(hs, i)
 
@@ -971,9 +1054,9 @@ class PrefixIndex:
         """Whether replica ``i`` holds each holders slot (-1: no)."""
         held: npt.NDArray[np.bool_]
         if self._wide:
-            held = (self._masks[hs, i >> 6] & self._bits[i]) != 0
+            held = (self._masks[hs, i >> 6] & self._bits[i]).astype(bool)
         else:
-            held = (self._masks.take(hs) & self._bits[i]) != 0
+            held = (self._masks[hs] & self._bits[i]).astype(bool)
         return held
 
     def _add_holder(self, hs: Idx, i: int) -> None:
@@ -988,20 +1071,20 @@ class PrefixIndex:
         if self._wide:
             self._masks[hs, i >> 6] &= self._unbits[i]
             gone = hs[~self._masks[hs].any(axis=1)]
+            self._holders.delete(gone)
         else:
-            left = self._masks.take(hs) & self._unbits[i]
-            self._masks[hs] = left
-            gone = hs[left == 0]
-        self._holders.delete(gone)
+            left = self._masks[hs] & self._unbits[i]
+            self._masks[hs] = left  # (where nobody is left, the slot is free: its key and counts remain)
+            self._holders.delete(hs[left == 0] if np.count_nonzero(left) else hs, live=False)
 
     def _evict(self, i: int, n: int) -> None:
         """Forget replica ``i``'s ``n`` least recently used blocks."""
         lru = self._replicas[i]
         ls = lru.order.oldest(n)
-        hs = lru.table.keys.take(ls).astype(np.intp) - 1
-        lru.table.delete(ls)
+        k = lru.table.keys[ls]  # their holders slots + 1
+        lru.table.delete(ls, k)
         lru.count -= n
-        self._drop_holder(hs, i)
+        self._drop_holder(k - 1, i)
 
     def _forget_all(self, i: int) -> None:
         lru = self._replicas[i]
