@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import http.client
 import json
 import socket
@@ -12,6 +13,8 @@ import openai
 import pytest
 from router_harness import RouterThread, config, replica, running_router
 from router_upstream import Upstream, upstreams
+
+from isthmus.router.app import ProxyResponse, RequestContext
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +70,25 @@ def test_streams_are_relayed_byte_for_byte_with_routing_headers(two: tuple[Route
     assert headers["content-type"] == "text/event-stream" and headers["x-upstream-name"] in ("a", "b")
     status, headers, _ = raw(rt, "POST", "/v1/completions", body, {"content-type": "application/json"})
     assert len(headers["x-request-id"]) == 32  # generated
+
+
+def test_served_requests_leave_no_cycles_for_the_collector(two: tuple[RouterThread, list[Upstream]]) -> None:
+    """A request's objects are freed by reference counting: ``isthmus serve`` runs the cycle
+    collector on a timer, not on allocation counts, and relies on this."""
+    rt, _ = two
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # whatever a collection finds unreachable is kept in gc.garbage
+    try:
+        for stream in (False, True, False, True):
+            body = json.dumps({"model": "m", "prompt": "no cycles", "stream": stream}).encode()
+            assert raw(rt, "POST", "/v1/completions", body, {"content-type": "application/json"})[0] == 200
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, ProxyResponse | RequestContext)
+                or type(o).__name__ == "_Exchange"]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == []
 
 
 def test_hop_by_hop_credentials_and_isthmus_headers_are_not_passed_on(two: tuple[RouterThread, list[Upstream]]) -> None:

@@ -63,9 +63,9 @@ async def _collect_garbage(period_s: float = 1.0, full_every: int = 60) -> None:
     it is frozen out of the collector's sight. A request's objects are freed by reference counting
     (the request path makes no cycles); what cycles remain (a failure's traceback, say) are
     collected every ``period_s``, the older generation every ``full_every`` periods. Left to
-    allocation counts, collections start inside whichever request allocates at that moment: with
-    50 streams, a 0.2 ms young collection every sixth request and a 1.5-2 ms one every hundredth,
-    on the path to a first token.
+    allocation counts, collections start inside whichever request allocates at that moment, on the
+    path to a first token (a young collection every few requests, a millisecond-long older one
+    every hundred or so with 50 streams).
     """
     gc.collect()
     gc.freeze()
