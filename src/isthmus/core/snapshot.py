@@ -14,8 +14,9 @@ from isthmus.core.topology import PriceBook
 @dataclass(slots=True)
 class InstanceView:
     """One replica as seen at snapshot time (policies read it and never change it; not frozen, since
-    a frozen dataclass costs four times as much to build and the router builds one per replica per
-    decision: ``tests/policies/test_policy_properties.py`` checks that no policy writes to its input).
+    a frozen dataclass sets every field through ``object.__setattr__`` and the router builds one per
+    replica per decision: ``tests/policies/test_policy_properties.py`` checks that no policy writes
+    to its input).
 
     Attributes:
         id, region, gpu: identity.
