@@ -17,11 +17,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-import typer
 import yaml
 from typer.testing import CliRunner
 
-from isthmus.bench.bench_cli import bench
 from isthmus.bench.loadgen import (
     Manifest,
     Targets,
@@ -31,6 +29,7 @@ from isthmus.bench.loadgen import (
     run_bench,
 )
 from isthmus.bench.prompts import PromptBuilder, block_text, prompt_text
+from isthmus.cli import build_app
 from isthmus.core.errors import ConfigError
 from isthmus.core.hashing import expand_coarse_hash_ids, hash_token_blocks
 from isthmus.core.request import Request
@@ -348,22 +347,11 @@ def test_refused_connections_errors_and_timeouts_are_counted(testbed: Bed, tmp_p
 
 
 # ----------------------------------------------------------------------------------------- CLI
-def cli() -> typer.Typer:
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(bench)
-
-    @app.command()
-    def other() -> None:  # two commands, so 'bench' is a subcommand as in 'isthmus bench'
-        """Unused."""
-
-    return app
-
-
 def test_cli_writes_json_and_plot(testbed: Bed, tmp_path: Path) -> None:
     scenario = mooncake_scenario(tmp_path, n=10, gap_ms=100)
     manifest = testbed.manifest(tmp_path / "manifest.json")
     out, png = tmp_path / "bench.json", tmp_path / "ttft.png"
-    r = CliRunner().invoke(cli(), ["bench", str(scenario), "--testbed", str(manifest), "--limit", "8",
+    r = CliRunner().invoke(build_app(), ["bench", str(scenario), "--testbed", str(manifest), "--limit", "8",
                                    "--json", str(out), "--plot", str(png)])
     assert r.exit_code == 0, r.output
     doc = json.loads(out.read_text())
@@ -389,7 +377,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], me
     bad = tmp_path / "bad.yaml"
     bad.write_text(good.read_text().replace("rate_rps: 20.0", "rate_rps: -3"))
     args = [a.format(good=good, bad=bad) for a in args]
-    r = CliRunner().invoke(cli(), ["bench", *args])
+    r = CliRunner().invoke(build_app(), ["bench", *args])
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.output

@@ -21,15 +21,14 @@ from typing import Any
 
 import orjson
 import pytest
-import typer
 from aiohttp import web
 from typer.testing import CliRunner
 
-from isthmus.bench.bench_cli import bench
 from isthmus.bench.compare import PolicyComparison, slo_comparison
 from isthmus.bench.compare_cli import compare_table
 from isthmus.bench.loadgen import SLO_CLASS_HEADER, SLO_HEADER, run_bench
 from isthmus.bench.testbed import Testbed, TestbedError
+from isthmus.cli import build_app
 from isthmus.core.slo import slo_attained
 from isthmus.router.config import RouterConfig
 from isthmus.sim.scenario import load_scenario
@@ -178,21 +177,10 @@ def test_header_rejections_and_failures_per_class(fake_router: FakeRouter, tmp_p
     assert slo["goodput_rps"] == pytest.approx(rec["throughput_rps"]) and slo["goodput_rps"] > 0
 
 
-def cli() -> typer.Typer:
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(bench)
-
-    @app.command()
-    def other() -> None:  # two commands, so 'bench' is a subcommand as in 'isthmus bench'
-        """Unused."""
-
-    return app
-
-
 def test_cli_prints_and_writes_slo_figures(fake_router: FakeRouter, tmp_path: Path) -> None:
     path = scenario(tmp_path, TWO_CLASSES, "{interactive: 0.5, batch: 0.5}", n=12, rate=50.0)
     out = tmp_path / "bench.json"
-    r = CliRunner().invoke(cli(), ["bench", str(path), "--target", fake_router.url, "--time-scale", "0.2",
+    r = CliRunner().invoke(build_app(), ["bench", str(path), "--target", fake_router.url, "--time-scale", "0.2",
                                    "--json", str(out)], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     rec = json.loads(out.read_text())["results"][0]

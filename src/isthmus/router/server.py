@@ -97,7 +97,6 @@ async def _serve(config: RouterConfig) -> None:
         # always said, whatever the log level: whoever started the router learns the port here
         print(f"isthmus serve: routing on {url}", file=sys.stderr, flush=True)
     await stop.wait()
-    collector.cancel()
-    gc.enable()
+    collector.cancel()  # which turns allocation-driven collection back on
     log.info("stopping: draining in-flight requests for up to %g s", config.drain_s)
     await server.shutdown(config.drain_s)
