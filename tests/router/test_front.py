@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from isthmus.router.front import DISCONNECT_EXTENSION, FrontServer
+from isthmus.router.front import DISCONNECT_EXTENSION, FrontServer, eager_task
 
 
 async def _echo_app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
@@ -246,5 +246,112 @@ def test_shutdown_lets_a_stream_finish_and_closes_idle_connections() -> None:
             await asyncio.open_connection("127.0.0.1", port)
         writer.close()
         idle_writer.close()
+
+    _run(go())
+
+
+# ---------------------------------------------------------------------- eager starts
+def _loops() -> list[Any]:
+    import uvloop
+
+    return [asyncio.new_event_loop, uvloop.new_event_loop]
+
+
+@pytest.mark.parametrize("new_loop", _loops(), ids=["asyncio", "uvloop"])
+def test_an_eager_task_runs_its_first_step_at_once_as_a_task(new_loop: Any) -> None:
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    seen: list[Any] = []
+
+    async def job(gate: asyncio.Future[int]) -> int:
+        task = asyncio.current_task()
+        seen.append(task)
+        var.set("set in the first step")
+        async with asyncio.timeout(5):  # needs the current task
+            got = await gate
+        seen.append(var.get())
+        return got + 1
+
+    async def raises_at_once() -> None:
+        raise ValueError("at once")
+
+    async def returns_at_once() -> str:
+        return "done"
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        gate: asyncio.Future[int] = loop.create_future()
+        task = eager_task(loop, job(gate))
+        assert seen == [task]  # the first step ran before eager_task returned, with the task current
+        assert asyncio.current_task() is not task and var.get() == "unset"  # nothing leaked to the caller
+        gate.set_result(41)
+        assert await task == 42
+        assert seen[1] == "set in the first step"  # the first step's context is the task's
+        failing = eager_task(loop, raises_at_once())
+        with pytest.raises(ValueError, match="at once"):
+            await failing
+        assert await eager_task(loop, returns_at_once()) == "done"
+
+    loop = new_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(go(), 10))
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("new_loop", _loops(), ids=["asyncio", "uvloop"])
+def test_an_eager_task_cancelled_before_the_loop_steps_it_is_cancelled_where_it_waits(new_loop: Any) -> None:
+    seen: list[str] = []
+
+    async def job(gate: asyncio.Future[None]) -> None:
+        try:
+            await gate
+        except asyncio.CancelledError:
+            seen.append("cancelled at its wait")
+            raise
+        finally:
+            seen.append("cleaned up")
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        task = eager_task(loop, job(loop.create_future()))
+        task.cancel()  # before the loop ever stepped it
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled() and seen == ["cancelled at its wait", "cleaned up"]
+
+    loop = new_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(go(), 10))
+    finally:
+        loop.close()
+
+
+def test_a_request_is_handled_in_the_callback_that_read_it() -> None:
+    """The front starts an exchange eagerly once its request is parsed: the application's work up to
+    its first wait runs inside ``data_received``, not on a later loop turn."""
+    import inspect
+
+    stacks: list[bool] = []
+
+    async def app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await _echo_app(scope, receive, send)
+            return
+        message = await receive()  # the body came with the head: no wait
+        stacks.append(any(f.function == "data_received" for f in inspect.stack(0)))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"%02d" % len(message["body"])})
+
+    async def go() -> None:
+        server = FrontServer(app)
+        port = int((await server.start("127.0.0.1", 0))[0].rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /a HTTP/1.1\r\nhost: h\r\ncontent-length: 5\r\n\r\nhello")
+        assert (await _read_response(reader))[2] == b"05"
+        assert stacks == [True]
+        writer.close()
+        await server.shutdown(1.0)
 
     _run(go())

@@ -12,6 +12,7 @@ from isthmus.router.upstream import (
     UpstreamBroken,
     UpstreamConnectError,
     UpstreamPool,
+    UpstreamResponse,
     UpstreamTimeout,
 )
 
@@ -248,6 +249,52 @@ def test_idle_timeout_counts_from_the_last_data_not_from_the_first_wait() -> Non
                 last = loop.time()
         assert got == b"x" * 8
         assert 0.15 <= loop.time() - last < 1.0
+        resp.release()
+        pool.close()
+        server.close()
+
+    asyncio.run(main())
+
+
+def test_on_head_pipes_a_body_that_comes_with_its_head_from_the_callback() -> None:
+    """A body in the same segment as its head reaches the sink ``on_head`` returned before
+    ``request`` returns; ``pipe`` with that sink then reads the rest, and the connection is pooled."""
+    async def main() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                await read_request(reader)
+                event = b"data: 0\n\n"
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+                             b"\r\n%x\r\n%s\r\n" % (len(event), event))  # the head and a first chunk, one write
+                await writer.drain()
+                await asyncio.sleep(0.02)
+                event = b"data: 1\n\n"
+                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+
+        server, origin, conns = await serve(handler)
+        pool = UpstreamPool()
+        for _ in range(2):
+            got: list[bytes] = []
+            heads: list[tuple[int, str]] = []
+
+            def on_head(resp: UpstreamResponse, heads: list[tuple[int, str]] = heads,
+                        got: list[bytes] = got) -> Callable[[bytes], object]:
+                heads.append((resp.status, resp.header(b"content-type")))
+                return got.append
+
+            resp = await pool.request(origin, b"/x", HEAD, b"{}", connect_s=2.0, idle_s=5.0, total_s=10.0,
+                                      on_head=on_head)
+            assert heads == [(200, "text/event-stream")] and resp.status == 200
+            assert got == [b"data: 0\n\n"]  # already passed on, from the connection's callback
+            await resp.pipe(got.append)
+            assert got == [b"data: 0\n\n", b"data: 1\n\n"]
+            resp.release()
+        assert len(conns) == 1 and pool.idle_connections() == 1
+
+        # a head the hook declines: the body is read as usual
+        resp = await pool.request(origin, b"/x", HEAD, b"{}", connect_s=2.0, idle_s=5.0, total_s=10.0,
+                                  on_head=lambda resp: None)
+        assert await resp.read_all(1 << 20) == b"data: 0\n\ndata: 1\n\n"
         resp.release()
         pool.close()
         server.close()

@@ -716,7 +716,8 @@ class ProxyResponse:
     which closes the upstream connection.
     """
 
-    __slots__ = ("_events", "_finished", "_gone", "_pipe", "_resp", "_started", "_tail", "ctx", "router")
+    __slots__ = ("_events", "_finished", "_gone", "_head", "_pipe", "_resp", "_routed", "_started", "_tail", "ctx",
+                 "router")
 
     def __init__(self, router: Router, ctx: RequestContext) -> None:
         self.router = router
@@ -726,6 +727,8 @@ class ProxyResponse:
         self._gone = False
         self._pipe: BodyPipe | None = None
         self._resp: UpstreamResponse | None = None  # the response being piped
+        self._routed: Routed | None = None  # ... the decision it answers
+        self._head: tuple[int, list[tuple[bytes, bytes]]] = (0, [])  # ... and the answer's status and headers
         self._tail = b""
         self._events = 0
 
@@ -896,9 +899,12 @@ class ProxyResponse:
         if auth:
             head += b"authorization: %s\r\n" % auth.encode("latin-1")
         t = router.config.timeouts
+        self._routed = routed
+        self._head = (0, [])
         try:
             resp = await pool.request(origin_of(base), ctx.path.encode(), head, body, connect_s=t.connect_s,
-                                      idle_s=t.idle_s if ctx.info.stream else t.total_s, total_s=t.total_s)
+                                      idle_s=t.idle_s if ctx.info.stream else t.total_s, total_s=t.total_s,
+                                      on_head=self._on_head if self._pipe is not None else None)
         except UpstreamConnectTimeout:
             raise _Failure("connect_timeout", 504, f"connect to {routed.target} timed out") from None
         except UpstreamConnectError as exc:
@@ -945,38 +951,53 @@ class ProxyResponse:
                 ctx.output_tokens = _usage_tokens(body)  # read once the client has its answer
             self._done(routed, ok=status < 400, backend_ok=status < 500)
             return
-        # the answer's head is made while the first chunk is on its way (the headers usually come first)
-        headers = self._response_headers(routed, resp)
-        try:
-            first = await resp.read()
-        except UpstreamTimeout:
-            raise _Failure("stall", 504, f"{routed.target} sent nothing for {router.config.timeouts.idle_s:g} s") from None
-        except UpstreamError as exc:
-            raise _Failure("broken", 502, f"{routed.target} broke off before its first chunk: {exc}") from None
-        ctx.ttft_s = router.clock() - ctx.arrival  # the rest of the first byte's bookkeeping waits until it is sent
-        await self._send_start(send, status, headers)
-        tail = first
         failure = ""
-        self._events = first.count(b"data:")
-        # a chunk after which the upstream body is complete goes out with the end of the body, in one write
-        done = False
-        if first:
-            done = resp.at_eof()
-            await send({"type": "http.response.body", "body": first, "more_body": not done})
+        pipe = self._pipe
+        if pipe is not None:
+            # every chunk, the first included, goes from the upstream connection's callback straight
+            # to the client's (_on_head set that up): no task wakes between an upstream segment and
+            # its write downstream
+            status, headers = self._head
+            if not status:  # (the head came some other way)
+                self._on_head(resp)
+                status, headers = self._head
+            try:
+                await resp.pipe(self._piped)
+            except UpstreamTimeout:
+                if not self._started:
+                    raise _Failure("stall", 504, f"{routed.target} sent nothing for "
+                                                 f"{router.config.timeouts.idle_s:g} s") from None
+                failure = f"upstream {ctx.target} stalled for over {router.config.timeouts.idle_s:g} s"
+            except UpstreamError as exc:
+                if not self._started:
+                    raise _Failure("broken", 502, f"{routed.target} broke off before its first chunk: {exc}") from None
+                failure = f"upstream {ctx.target} broke off the stream"
+            tail = self._tail
+            done = False
+            if not self._started:  # an empty body
+                ctx.ttft_s = router.clock() - ctx.arrival
+                await self._send_start(send, status, headers)
+                self._first_byte(routed)
+        else:
+            headers = self._response_headers(routed, resp)
+            try:
+                first = await resp.read()
+            except UpstreamTimeout:
+                raise _Failure("stall", 504, f"{routed.target} sent nothing for "
+                                             f"{router.config.timeouts.idle_s:g} s") from None
+            except UpstreamError as exc:
+                raise _Failure("broken", 502, f"{routed.target} broke off before its first chunk: {exc}") from None
+            ctx.ttft_s = router.clock() - ctx.arrival
+            await self._send_start(send, status, headers)
+            tail = first
+            self._events = first.count(b"data:")
+            # a chunk after which the upstream body is complete goes out with the end of the body, in one write
+            done = False
+            if first:
+                done = resp.at_eof()
+                await send({"type": "http.response.body", "body": first, "more_body": not done})
             self._first_byte(routed)
-            pipe = self._pipe
-            if not done and pipe is not None:
-                # the rest goes from the upstream connection's callback straight to the client's
-                self._tail = first
-                self._resp = resp
-                try:
-                    await resp.pipe(self._piped)
-                except UpstreamTimeout:
-                    failure = f"upstream {ctx.target} stalled for over {router.config.timeouts.idle_s:g} s"
-                except UpstreamError:
-                    failure = f"upstream {ctx.target} broke off the stream"
-                tail = self._tail
-            while not done and pipe is None:
+            while first and not done:
                 try:
                     chunk = await resp.read()
                 except UpstreamTimeout:
@@ -991,8 +1012,6 @@ class ProxyResponse:
                 self._events += chunk.count(b"data:")
                 done = resp.at_eof()
                 await send({"type": "http.response.body", "body": chunk, "more_body": not done})
-        else:
-            self._first_byte(routed)
         if failure:
             # never a fake [DONE]: an error event, at an event boundary, then the end of the body
             lead = b"" if tail.endswith((b"\n\n", b"\r\n\r\n")) or not tail else b"\n\n"
@@ -1010,11 +1029,34 @@ class ProxyResponse:
         ctx.output_tokens = max(0, self._events - (b"[DONE]" in tail))
         self._done(routed, ok=True, backend_ok=True)
 
+    def _on_head(self, resp: UpstreamResponse) -> Callable[[bytes], None] | None:
+        """The head of the upstream answer, from the upstream connection's callback: a streamed
+        answer is piped to the client from its first chunk on (the answer's own head is made now,
+        before that chunk comes)."""
+        status = resp.status
+        if self._pipe is None or status >= 300 or not resp.header(b"content-type").startswith("text/event-stream"):
+            return None
+        assert self._routed is not None
+        self._resp = resp
+        self._head = (status, self._response_headers(self._routed, resp))
+        return self._piped
+
     def _piped(self, chunk: bytes) -> None:
-        """One chunk of the piped rest of a stream (called from the upstream connection's parser)."""
+        """One chunk of a piped stream (called from the upstream connection's parser)."""
         pipe = self._pipe
         assert pipe is not None
-        pipe.write_body(chunk)
+        if self._started:
+            pipe.write_body(chunk)
+        else:  # the first: the answer's head leaves with it
+            ctx = self.ctx
+            ctx.ttft_s = self.router.clock() - ctx.arrival
+            status, headers = self._head
+            self._started = True
+            ctx.status = status
+            pipe.start_response(status, headers)
+            pipe.write_body(chunk)
+            assert self._routed is not None
+            self._first_byte(self._routed)
         self._events += chunk.count(b"data:")
         self._tail = chunk
         if pipe.paused:  # the client reads slower than the upstream writes: stop reading upstream

@@ -136,6 +136,9 @@ class _Connection(asyncio.Protocol):
         self.sink: Callable[[bytes], object] | None = None
         self.pipe_idle_s = 0.0
         self.pipe_until = 0.0
+        # UpstreamPool.request's ``on_head``, called with ``response`` when the head is in
+        self.on_head: Callable[[UpstreamResponse], Callable[[bytes], object] | None] | None = None
+        self.response: UpstreamResponse | None = None
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -168,8 +171,13 @@ class _Connection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        self.status = status = self.parser.get_status_code()
         self.headers_done = True
+        hook, resp = self.on_head, self.response
+        if hook is not None and resp is not None:
+            self.on_head = self.response = None
+            resp.status = status
+            self.sink = hook(resp)
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -259,6 +267,7 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
         self.closed = True
         self.cancel_timer()
+        self.sink = self.on_head = self.response = None
 
     def cancel_timer(self) -> None:
         if self.timer is not None:
@@ -379,6 +388,7 @@ class UpstreamResponse:
             return
         self._done = True
         conn = self._conn
+        conn.sink = None
         if conn.complete and conn.keep_alive and not conn.closed and conn.error is None and not conn.chunks:
             self._pool._put(self._key, conn)
         else:
@@ -403,7 +413,9 @@ class UpstreamPool:
         self._closed = False
 
     async def request(self, origin: Origin, path: bytes, head: bytes, body: bytes, *, connect_s: float,
-                      idle_s: float, total_s: float, method: bytes = b"POST") -> UpstreamResponse:
+                      idle_s: float, total_s: float, method: bytes = b"POST",
+                      on_head: Callable[[UpstreamResponse], Callable[[bytes], object] | None] | None = None,
+                      ) -> UpstreamResponse:
         """``POST origin.base_path + path`` with the header lines ``head`` (each ending in CRLF, no
         ``Host`` or ``Content-Length``) and ``body``; returns at the end of the response headers.
         ``method=b"GET"`` sends no body (``body`` must be empty).
@@ -412,6 +424,11 @@ class UpstreamPool:
             connect_s: longest wait to open a connection.
             idle_s: longest silence before the headers and between body reads.
             total_s: deadline of the whole exchange, body included, from now.
+            on_head: called with the response from the connection's callback as soon as its head is
+                in, before this returns; a sink it returns gets the body from then on, as
+                :meth:`UpstreamResponse.pipe` has it (the caller then reads the rest with ``pipe``
+                of that same sink, not ``read``): a body that follows its head in the same segment
+                is passed on without waiting for this coroutine to resume.
 
         Raises:
             UpstreamConnectError, UpstreamConnectTimeout, UpstreamTimeout, UpstreamBroken.
@@ -429,6 +446,11 @@ class UpstreamPool:
             if conn is None:
                 conn = await self._connect(origin, connect_s)
             assert conn.transport is not None
+            resp = UpstreamResponse(conn, self, key, idle_s, deadline, self.clock)
+            if on_head is not None:
+                conn.on_head, conn.response = on_head, resp
+                conn.pipe_idle_s = idle_s
+                conn.pipe_until = conn.loop.time() + total_s
             conn.transport.write(message)
             try:
                 while not conn.headers_done:
@@ -443,7 +465,9 @@ class UpstreamPool:
             except BaseException:
                 conn.close()
                 raise
-            return UpstreamResponse(conn, self, key, idle_s, deadline, self.clock)
+            conn.on_head = conn.response = None
+            resp.status = conn.status
+            return resp
 
     async def _connect(self, origin: Origin, connect_s: float) -> _Connection:
         loop = asyncio.get_running_loop()
