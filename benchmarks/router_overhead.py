@@ -42,6 +42,7 @@ import contextlib
 import itertools
 import json
 import random
+import re
 import signal
 import socket
 import statistics
@@ -59,6 +60,7 @@ from _common import free_port, package_version, wait_for_url, write_json
 
 ISTHMUS = Path(sys.executable).parent / "isthmus"
 _PHASES = itertools.count()  # every load phase gets prompts of its own
+_BACKEND_WAIT = re.compile(rb'"backend_wait_us": ?(\d+)')
 
 
 def start_engine(log: Path, time_scale: float) -> tuple[subprocess.Popen[bytes], str]:
@@ -82,6 +84,7 @@ def fake_backend_app(ttft_s: float, itl_s: float) -> Any:
                "vllm:kv_cache_usage_perc{model_name=\"m\"} 0\n")
 
     async def completions(request: web.Request) -> web.StreamResponse:
+        arrived = time.perf_counter()
         body = await request.json()
         n = int(body.get("max_tokens", 16))
         first = float(body.get("fake_ttft_ms", ttft_s * 1e3)) / 1e3  # a request may set its own timing
@@ -97,8 +100,10 @@ def fake_backend_app(ttft_s: float, itl_s: float) -> Any:
         for k in range(n):
             if k and gap > 0:
                 await asyncio.sleep(gap)
-            event = {"id": "c", "object": "text_completion", "model": "m",
-                     "choices": [{"index": 0, "text": "x", "finish_reason": "length" if k == n - 1 else None}]}
+            event: dict[str, Any] = {"id": "c", "object": "text_completion", "model": "m", "choices": [
+                {"index": 0, "text": "x", "finish_reason": "length" if k == n - 1 else None}]}
+            if not k:  # how long this server itself took to its first event (its timer's slack included)
+                event["backend_wait_us"] = round((time.perf_counter() - arrived) * 1e6)
             await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
@@ -185,6 +190,7 @@ class _Load:
         self.max_tokens = max_tokens
         self.phase = next(_PHASES)
         self.ttft: list[float] = []
+        self.net: list[float] = []  # TTFT less the backend's own wait to its first event, when it says
         self.e2e: list[float] = []
         self.errors = 0
         self.in_flight = 0
@@ -196,12 +202,15 @@ class _Load:
         body = {"model": "m", "prompt": prompt, "max_tokens": self.max_tokens, "stream": True, **self.extra}
         t0 = time.perf_counter()
         first = None
+        wait = None
         self.in_flight += 1
         try:
             async with session.post(f"{self.targets[k % len(self.targets)]}/v1/completions", json=body) as resp:
                 async for chunk in resp.content.iter_any():
                     if first is None and b"data:" in chunk:
                         first = time.perf_counter()
+                        said = _BACKEND_WAIT.search(chunk)
+                        wait = int(said.group(1)) / 1e6 if said else None
                 ok = resp.status == 200 and first is not None
         except aiohttp.ClientError:
             ok = False
@@ -213,12 +222,15 @@ class _Load:
             self.errors += 1
             return
         self.ttft.append(first - t0)
+        if wait is not None:
+            self.net.append(first - t0 - wait)
         self.e2e.append(time.perf_counter() - t0)
 
     def result(self, wall: float, **extra: Any) -> dict[str, Any]:
         return {"requests": len(self.ttft), "errors": self.errors, "wall_s": wall, "ttft_s": _pcts(self.ttft),
-                "e2e_s": _pcts(self.e2e), "throughput_rps": len(self.ttft) / wall if wall > 0 else 0.0,
-                "_samples": {"ttft": self.ttft, "e2e": self.e2e}, **extra}
+                "ttft_net_s": _pcts(self.net), "e2e_s": _pcts(self.e2e),
+                "throughput_rps": len(self.ttft) / wall if wall > 0 else 0.0,
+                "_samples": {"ttft": self.ttft, "net": self.net, "e2e": self.e2e}, **extra}
 
 
 def _session() -> aiohttp.ClientSession:
@@ -412,7 +424,7 @@ def _summary(rounds: list[dict[str, Any]], wall_key: str = "wall_s") -> dict[str
     wall = sum(r[wall_key] for r in rounds)
     out: dict[str, Any] = {
         "requests": len(ttft), "errors": sum(r["errors"] for r in rounds), "ttft_s": _pcts(ttft),
-        "e2e_s": _pcts(_pool(rounds, "e2e")), "throughput_rps": len(ttft) / wall if wall > 0 else 0.0,
+        "ttft_net_s": _pcts(_pool(rounds, "net")), "e2e_s": _pcts(_pool(rounds, "e2e")), "throughput_rps": len(ttft) / wall if wall > 0 else 0.0,
         "rounds": [{k: v for k, v in r.items() if k != "_samples"} for r in rounds],
     }
     if "in_flight_mean" in rounds[0]:
@@ -426,13 +438,13 @@ def _summary(rounds: list[dict[str, Any]], wall_key: str = "wall_s") -> dict[str
     return out
 
 
-def _added(target: dict[str, Any], direct: dict[str, Any]) -> dict[str, Any]:
-    """TTFT added over direct: of the pooled percentiles, and per round (each round's phase against the
-    direct phase of the same round, minutes apart at most) with the median over rounds."""
-    pooled = {k: target["ttft_s"][k] - direct["ttft_s"][k] for k in ("p50", "p90", "p99", "mean")
-              if k in target["ttft_s"] and k in direct["ttft_s"]}
-    per_round = [{k: t["ttft_s"][k] - d["ttft_s"][k] for k in ("p50", "p90", "p99", "mean")
-                  if k in t["ttft_s"] and k in d["ttft_s"]} for t, d in zip(target["rounds"], direct["rounds"], strict=True)]
+def _added(target: dict[str, Any], direct: dict[str, Any], key: str = "ttft_s") -> dict[str, Any]:
+    """TTFT (``key``) added over direct: of the pooled percentiles, and per round (each round's phase
+    against the direct phase of the same round, minutes apart at most) with the median over rounds."""
+    pooled = {k: target[key][k] - direct[key][k] for k in ("p50", "p90", "p99", "mean")
+              if k in target[key] and k in direct[key]}
+    per_round = [{k: t[key][k] - d[key][k] for k in ("p50", "p90", "p99", "mean")
+                  if k in t[key] and k in d[key]} for t, d in zip(target["rounds"], direct["rounds"], strict=True)]
     median = {k: statistics.median(r[k] for r in per_round if k in r) for k in ("p50", "p90", "p99", "mean")
               if any(k in r for r in per_round)}
     return {"pooled": pooled, "median_of_rounds": median, "per_round": per_round}
@@ -447,7 +459,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=400,
                     help="open loop: requests per phase, level, target and round (at least --open-seconds' worth)")
     ap.add_argument("--open-seconds", type=float, default=8.0, help="open loop: shortest phase, seconds of arrivals")
-    ap.add_argument("--closed-requests", type=int, default=2000,
+    ap.add_argument("--closed-requests", type=int, default=5000,
                     help="closed loop: requests per phase, level, target and round")
     ap.add_argument("--engines", type=int, default=2)
     ap.add_argument("--time-scale", type=float, default=1.0, help="engine step times x this")
@@ -556,6 +568,8 @@ def main() -> None:
         for name, s in per.items():
             if name != "direct":
                 s["added_ttft_s"] = _added(s, per["direct"])
+                if s["ttft_net_s"] and per["direct"]["ttft_net_s"]:
+                    s["added_ttft_net_s"] = _added(s, per["direct"], "ttft_net_s")
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
               "cores": psutil.cpu_count(), "load_average_at_rounds": load_avg, "routers": routers,
               "open_loop_rate_rps": rates,
@@ -596,6 +610,15 @@ def main() -> None:
             print(f"{name:14s} {ms(m.get('p50', 0))} [{spread(a, 'p50'):>12s}] {ms(m.get('p99', 0))} "
                   f"[{spread(a, 'p99'):>12s}] {ms(p.get('p50', 0)):>11s} {ms(p.get('p99', 0)):>11s} "
                   f"{r['router_cpu_ms_per_request']:6.2f}ms {r['errors']:6d}")
+        if any("added_ttft_net_s" in r for r in rows.values()):
+            print("the same, net of each backend's own wait to its first event (its timer's slack out of the noise):")
+            for name, r in rows.items():
+                if "added_ttft_net_s" not in r:
+                    continue
+                a = r["added_ttft_net_s"]
+                m, p = a["median_of_rounds"], a["pooled"]
+                print(f"{name:14s} {ms(m.get('p50', 0))} [{spread(a, 'p50'):>12s}] {ms(m.get('p99', 0))} "
+                      f"[{spread(a, 'p99'):>12s}] {ms(p.get('p50', 0)):>11s} {ms(p.get('p99', 0)):>11s}")
         print(f"{n} streams, closed loop ({args.closed_max_tokens} output tokens): sustained req/s, median over "
               "rounds [range]")
         for name, r in report["closed_loop"][str(n)].items():

@@ -258,7 +258,8 @@ def test_idle_timeout_counts_from_the_last_data_not_from_the_first_wait() -> Non
 
 def test_on_head_pipes_a_body_that_comes_with_its_head_from_the_callback() -> None:
     """A body in the same segment as its head reaches the sink ``on_head`` returned before
-    ``request`` returns; ``pipe`` with that sink then reads the rest, and the connection is pooled."""
+    ``request`` returns; ``pipe`` with that sink then reads the rest, the chunks of one segment in
+    one call (one write downstream), and the connection is pooled."""
     async def main() -> None:
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             while True:
@@ -268,8 +269,8 @@ def test_on_head_pipes_a_body_that_comes_with_its_head_from_the_callback() -> No
                              b"\r\n%x\r\n%s\r\n" % (len(event), event))  # the head and a first chunk, one write
                 await writer.drain()
                 await asyncio.sleep(0.02)
-                event = b"data: 1\n\n"
-                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+                writer.write(b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in (b"data: 1\n\n", b"data: 2\n\n"))
+                             + b"0\r\n\r\n")  # two chunks and the end, one write
 
         server, origin, conns = await serve(handler)
         pool = UpstreamPool()
@@ -287,14 +288,14 @@ def test_on_head_pipes_a_body_that_comes_with_its_head_from_the_callback() -> No
             assert heads == [(200, "text/event-stream")] and resp.status == 200
             assert got == [b"data: 0\n\n"]  # already passed on, from the connection's callback
             await resp.pipe(got.append)
-            assert got == [b"data: 0\n\n", b"data: 1\n\n"]
+            assert got == [b"data: 0\n\n", b"data: 1\n\ndata: 2\n\n"]
             resp.release()
         assert len(conns) == 1 and pool.idle_connections() == 1
 
         # a head the hook declines: the body is read as usual
         resp = await pool.request(origin, b"/x", HEAD, b"{}", connect_s=2.0, idle_s=5.0, total_s=10.0,
                                   on_head=lambda resp: None)
-        assert await resp.read_all(1 << 20) == b"data: 0\n\ndata: 1\n\n"
+        assert await resp.read_all(1 << 20) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
         resp.release()
         pool.close()
         server.close()

@@ -131,9 +131,10 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.wait_until = 0.0  # loop time at which the current wait times out
         self.timer: asyncio.TimerHandle | None = None
-        # piping (UpstreamResponse.pipe): body chunks go straight to ``sink``, each pushing the idle
-        # timeout forward, never past ``pipe_until`` (loop time)
+        # piping (UpstreamResponse.pipe): each segment's body bytes go straight to ``sink``, each
+        # segment pushing the idle timeout forward, never past ``pipe_until`` (loop time)
         self.sink: Callable[[bytes], object] | None = None
+        self.piped: list[bytes] = []  # body parts of the segment being parsed, for the sink
         self.pipe_idle_s = 0.0
         self.pipe_until = 0.0
         # UpstreamPool.request's ``on_head``, called with ``response`` when the head is in
@@ -152,6 +153,18 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamBroken("upstream switched protocols"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamBroken(f"malformed HTTP response: {exc}"))
+        piped = self.piped
+        if piped:  # what this segment held for the sink goes on in one piece (one write downstream)
+            sink = self.sink
+            out = piped[0] if len(piped) == 1 else b"".join(piped)
+            piped.clear()
+            if sink is not None:
+                until = self.loop.time() + self.pipe_idle_s
+                self.wait_until = until if until < self.pipe_until else self.pipe_until
+                try:
+                    sink(out)
+                except Exception as exc:  # the consumer's bug: this exchange fails, the loop goes on
+                    self._fail(UpstreamBroken(f"the body's consumer failed: {exc!r}"))
 
     def eof_received(self) -> bool:
         return False  # close the transport: connection_lost says what it meant
@@ -181,11 +194,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
-        sink = self.sink
-        if sink is not None:
-            until = self.loop.time() + self.pipe_idle_s
-            self.wait_until = until if until < self.pipe_until else self.pipe_until
-            sink(body)
+        if self.sink is not None:
+            self.piped.append(body)  # passed on once the segment is parsed
             return
         self.chunks.append(body)
         self.buffered += len(body)
@@ -326,8 +336,9 @@ class UpstreamResponse:
             await conn.wait(min(self._idle_s, self._deadline - self._clock()))
 
     async def pipe(self, sink: Callable[[bytes], object]) -> None:
-        """Hand the rest of the body to ``sink``, chunk by chunk as the parser delivers it (from the
-        protocol's callback: no task wakes per chunk); returns at the end of the body.
+        """Hand the rest of the body to ``sink`` as it arrives, the body bytes of each segment read off
+        the socket in one call (from the protocol's callback: no task wakes per chunk); returns at the
+        end of the body.
 
         Raises:
             UpstreamTimeout, UpstreamBroken: as :meth:`read`; what ``sink`` got until then stays sent.
