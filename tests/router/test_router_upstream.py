@@ -301,3 +301,25 @@ def test_on_head_pipes_a_body_that_comes_with_its_head_from_the_callback() -> No
         server.close()
 
     asyncio.run(main())
+
+
+def test_a_pooled_connection_that_spoke_while_idle_is_not_reused() -> None:
+    async def main() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                await read_request(reader)
+                writer.write(ok(b"fine"))
+                await writer.drain()
+                await asyncio.sleep(0.02)
+                writer.write(b"HTTP/1.1 200 OK\r\n")  # unasked for, on an idle keep-alive connection
+
+        server, origin, conns = await serve(handler)
+        pool = UpstreamPool()
+        assert await call(pool, origin) == (200, b"fine")
+        await asyncio.sleep(0.1)
+        assert await call(pool, origin) == (200, b"fine")
+        assert len(conns) == 2
+        pool.close()
+        server.close()
+
+    asyncio.run(main())

@@ -952,15 +952,11 @@ class ProxyResponse:
             self._done(routed, ok=status < 400, backend_ok=status < 500)
             return
         failure = ""
-        pipe = self._pipe
-        if pipe is not None:
-            # every chunk, the first included, goes from the upstream connection's callback straight
-            # to the client's (_on_head set that up): no task wakes between an upstream segment and
-            # its write downstream
+        if self._head[0]:
+            # _on_head took it: every chunk, the first included, goes from the upstream connection's
+            # callback straight to the client's, no task wakes between an upstream segment and its
+            # write downstream
             status, headers = self._head
-            if not status:  # (the head came some other way)
-                self._on_head(resp)
-                status, headers = self._head
             try:
                 await resp.pipe(self._piped)
             except UpstreamTimeout:

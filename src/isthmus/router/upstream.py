@@ -500,11 +500,10 @@ class UpstreamPool:
         oldest_ok = self.clock() - self.keepalive_s
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to have been closed by the server
-            if conn.closed or conn.idle_since < oldest_ok:
+            if conn.closed or conn.idle_since < oldest_ok or conn.received:  # received: sent something while idle
                 conn.close()
                 continue
-            conn._reset()
-            return conn
+            return conn  # (reset when it was put back, off the next request's way)
         return None
 
     def _put(self, key: tuple[str, int], conn: _Connection) -> None:
@@ -516,8 +515,8 @@ class UpstreamPool:
             conn.close()
             return
         conn.idle_since = self.clock()
-        conn.waiter = None
         conn.cancel_timer()
+        conn._reset()
         idle.append(conn)
 
     def idle_connections(self) -> int:
