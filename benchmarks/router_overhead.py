@@ -18,6 +18,10 @@ through every router:
 3. closed loop, per level N: N streams kept busy with short requests (``--closed-max-tokens``) until
    ``--closed-requests`` completed: the highest rate sustained with N concurrent streams.
 
+With the fake backends, each answer's first event also says how long the backend itself took to
+write it (its timer fires on the event loop's millisecond grid); TTFT less that wait is reported too
+("net"), a figure with less of the backend's own noise.
+
 Every router runs from the start, and each phase is run in ``--rounds`` rounds: in a round every
 target (direct, then each router) runs the phase once, in an order rotated from round to round, so
 that a busy minute on a shared machine falls on every target alike. Added latency is reported as the
