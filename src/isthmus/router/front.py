@@ -6,6 +6,8 @@ its own connections instead of going through uvicorn (``benchmarks/router_overhe
 
 - HTTP/1.1 and 1.0, keep-alive (closed after ``keep_alive_s`` idle), pipelined requests answered in
   order (one runs at a time; reading pauses while the next one waits);
+- an exchange starts in the callback that parsed its request (:func:`eager_task`): the
+  application's work up to its first wait runs at once, not behind every other ready callback;
 - request bodies streamed to the application as they arrive (``Transfer-Encoding: chunked`` too),
   with ``Expect: 100-continue`` answered when the application first asks for the body, and reading
   paused while more than ``_BODY_BUFFER`` bytes wait for it;
