@@ -959,15 +959,11 @@ class ProxyResponse:
             status, headers = self._head
             try:
                 await resp.pipe(self._piped)
-            except UpstreamTimeout:
-                if not self._started:
-                    raise _Failure("stall", 504, f"{routed.target} sent nothing for "
-                                                 f"{router.config.timeouts.idle_s:g} s") from None
-                failure = f"upstream {ctx.target} stalled for over {router.config.timeouts.idle_s:g} s"
             except UpstreamError as exc:
                 if not self._started:
-                    raise _Failure("broken", 502, f"{routed.target} broke off before its first chunk: {exc}") from None
-                failure = f"upstream {ctx.target} broke off the stream"
+                    raise self._no_first_chunk(routed, exc) from None
+                failure = (f"upstream {ctx.target} stalled for over {router.config.timeouts.idle_s:g} s"
+                           if isinstance(exc, UpstreamTimeout) else f"upstream {ctx.target} broke off the stream")
             tail = self._tail
             done = False
             if not self._started:  # an empty body
@@ -978,11 +974,8 @@ class ProxyResponse:
             headers = self._response_headers(routed, resp)
             try:
                 first = await resp.read()
-            except UpstreamTimeout:
-                raise _Failure("stall", 504, f"{routed.target} sent nothing for "
-                                             f"{router.config.timeouts.idle_s:g} s") from None
             except UpstreamError as exc:
-                raise _Failure("broken", 502, f"{routed.target} broke off before its first chunk: {exc}") from None
+                raise self._no_first_chunk(routed, exc) from None
             ctx.ttft_s = router.clock() - ctx.arrival
             await self._send_start(send, status, headers)
             tail = first
@@ -1024,6 +1017,12 @@ class ProxyResponse:
         # output tokens as the stream's data events (vLLM sends one per token), less the [DONE] one
         ctx.output_tokens = max(0, self._events - (b"[DONE]" in tail))
         self._done(routed, ok=True, backend_ok=True)
+
+    def _no_first_chunk(self, routed: Routed, exc: UpstreamError) -> _Failure:
+        """The attempt's failure when the upstream stalled or broke off before its first chunk (retryable)."""
+        if isinstance(exc, UpstreamTimeout):
+            return _Failure("stall", 504, f"{routed.target} sent nothing for {self.router.config.timeouts.idle_s:g} s")
+        return _Failure("broken", 502, f"{routed.target} broke off before its first chunk: {exc}")
 
     def _on_head(self, resp: UpstreamResponse) -> Callable[[bytes], None] | None:
         """The head of the upstream answer, from the upstream connection's callback: a streamed

@@ -476,7 +476,6 @@ class UpstreamPool:
             except BaseException:
                 conn.close()
                 raise
-            conn.on_head = conn.response = None
             resp.status = conn.status
             return resp
 
